@@ -1,0 +1,65 @@
+"""Cached reads from the store. Keys include the file's mtime, so a store replaced by a new run is read afresh.
+
+Loaders return numpy arrays and plain values, never an open h5py handle (see store/reader.py for why).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from store import StoreError, StoreReader, list_stores
+
+
+def store_directory() -> Path:
+    raw = os.environ.get("UNIT_ABLATION_STORES")
+    if raw:
+        return Path(raw).expanduser().resolve()
+    return Path(os.environ.get("UNIT_ABLATION_DATA", "data")).expanduser().resolve() / "stores"
+
+
+def mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _reader(path: str, stamp: float) -> StoreReader:
+    return StoreReader(path)
+
+
+def reader(path: Path) -> StoreReader:
+    return _reader(str(path), mtime(Path(path)))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _array(path: str, stamp: float, dataset: str, selection) -> np.ndarray:
+    return StoreReader(path).read(dataset, selection if selection is not None else ())
+
+
+def array(path: Path, dataset: str, selection=None):
+    """A dataset (or a slice of it: an int index or a tuple) of the store, cached by store path and mtime."""
+    return _array(str(path), mtime(Path(path)), dataset, selection)
+
+
+def layer_array(path: Path, layer: str, section: str, name: str, selection=None):
+    return array(path, f"layers/{layer}/{section}/{name}", selection)
+
+
+@st.cache_data(show_spinner=False, ttl=5)
+def available_stores(directory: str) -> list[tuple[str, str]]:
+    """(path, label) for each finished store in the directory; broken files are listed with their problem."""
+    found = []
+    for path in list_stores(directory):
+        try:
+            info = StoreReader(path)
+            label = f"{path.stem}  ·  {info.attrs.get('model', '?')}  ·  {len(info.layers)} layers"
+        except StoreError as error:
+            label = f"{path.stem}  ·  unusable: {error}"
+        found.append((str(path), label))
+    return found

@@ -1,0 +1,59 @@
+"""Streamlit entry point: ``streamlit run app/main.py``. Builds the navigation and the store picker."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run app/main.py` puts app/ on sys.path, not the repository root that holds app/, store/, compute/.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import loaders  # noqa: E402
+
+PAGES = [
+    ("pages/overview.py", "Overview", "overview", ":material/monitoring:"),
+    ("pages/unit.py", "Unit", "unit", ":material/neurology:"),
+]
+
+
+def store_picker() -> None:
+    directory = loaders.store_directory()
+    stores = loaders.available_stores(str(directory))
+    st.sidebar.caption(f"Stores in `{directory}`")
+    if not stores:
+        st.session_state.pop("store_path", None)
+        st.sidebar.info("No stores yet.")
+        return
+    labels = dict(stores)
+    paths = list(labels)
+    wanted = st.query_params.get("store")
+    by_name = {Path(p).stem: p for p in paths}
+    default = paths.index(by_name[wanted]) if wanted in by_name else 0
+    chosen = st.sidebar.selectbox("Store", paths, index=default, format_func=lambda p: labels[p], key="store_select")
+    st.session_state["store_path"] = chosen
+    st.query_params["store"] = Path(chosen).stem
+    try:
+        info = loaders.reader(Path(chosen))
+    except Exception as error:  # shown, never raised: the picker must survive any file in the directory
+        st.sidebar.error(str(error))
+        return
+    with st.sidebar.expander("Provenance"):
+        for key in ("model", "description", "weights_sha256", "data_fingerprint", "num_images", "num_classes",
+                    "device", "precision", "code_version", "completed", "ablation_note"):
+            if key in info.attrs:
+                st.caption(f"**{key}**: {info.attrs[key]}")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Unit ablation", page_icon=":material/science:", layout="wide")
+    pages = [st.Page(path, title=title, url_path=url, icon=icon) for path, title, url, icon in PAGES]
+    navigation = st.navigation(pages)
+    store_picker()
+    navigation.run()
+
+
+main()

@@ -1,0 +1,1 @@
+"""Offline compute stage: models, data, the ablation engine and the analyses, written through ``store``."""

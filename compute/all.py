@@ -1,0 +1,215 @@
+"""Run the whole offline pipeline for one model into one store: ``python -m compute.all --model demo``.
+
+Stages (each resumable; a killed run restarts at the first unfinished one): set-up (classes, labels), the activation
+pass, then per layer the single-unit ablation sweep, the unit attributes and the further analyses, and the live data
+for the app. The store appears under its final name only when every stage is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compute import paths
+from compute.errors import UserError, run_cli
+from compute.models import get_spec, model_names
+from store import StoreError, StoreWriter
+from store.writer import write_array
+
+CODE_VERSION_FALLBACK = "unknown"
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or CODE_VERSION_FALLBACK
+    except (OSError, subprocess.SubprocessError):
+        return CODE_VERSION_FALLBACK
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m compute.all", description=__doc__.splitlines()[0],
+        epilog="models: " + ", ".join(f"{name}" for name in model_names()))
+    parser.add_argument("--model", default="demo", help="model name (see below)")
+    parser.add_argument("--layers", nargs="+", default=None, help="layers to analyse (default: the model's)")
+    parser.add_argument("--weights", default=None, help="checkpoint file (default: looked up for the model)")
+    parser.add_argument("--seed", type=int, default=0, help="instance seed of a demo model (trained if missing)")
+    parser.add_argument("--data", default=None, help="validation set folder (default: the model's data set)")
+    parser.add_argument("--concepts", default=None, help="Broden-layout concept data set for dissection")
+    parser.add_argument("--per-class", type=int, default=None, help="use the first N validation images per class")
+    parser.add_argument("--data-dir", default=None, help=f"data directory (default ${paths.DATA_ENV} or ./data)")
+    parser.add_argument("--store", default=None, help="store file (.h5) or directory (default <data>/stores)")
+    parser.add_argument("--name", default=None, help="run name, the store's file name (default model[-seedN])")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--max-memory", type=float, default=1.0, help="GiB for one ablation chunk (default 1)")
+    parser.add_argument("--live-layers", nargs="*", default=None,
+                        help="layers whose activations are kept for live work in the app (default: the deepest)")
+    parser.add_argument("--force", action="store_true", help="recompute even if the store is up to date")
+    for option in EXTRA_OPTIONS:
+        option(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no GPU here: use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device '{name}': use cpu or cuda")
+    return torch.device(name)
+
+
+def store_path(args, run_name: str) -> Path:
+    if args.store and str(args.store).endswith(".h5"):
+        return Path(args.store).resolve()
+    directory = paths.store_dir(args.store, args.data_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create store directory {directory} ({error.strerror}): pass a writable --store")
+    return directory / f"{run_name}.h5"
+
+
+def load_data(spec, args, data_dir: Path):
+    from compute.data.validation import load_validation
+
+    path = args.data
+    if spec.dataset == "synthscenes" and path is None:
+        from compute.data import synthscenes
+
+        path = synthscenes.ensure(data_dir)
+    elif path is None:
+        raise UserError(f"{spec.name} needs its validation set: pass --data PATH (see README, 'Running on the "
+                        f"paper's models')")
+    return load_validation(spec.dataset if args.data is None or spec.dataset != "synthscenes" else "synthscenes",
+                           Path(path), spec.preprocess, per_class=args.per_class, num_classes=spec.num_classes)
+
+
+def concept_root(spec, args, data_dir: Path, val) -> Path | None:
+    if args.concepts:
+        root = Path(args.concepts)
+        if not (root / "index.csv").exists():
+            raise UserError(f"no Broden index.csv in {root}: pass --concepts pointing at an unzipped broden1_224")
+        return root
+    if spec.dataset == "synthscenes":
+        return Path(val.root)
+    default = data_dir / "datasets" / "broden1_224"
+    return default if (default / "index.csv").exists() else None
+
+
+def run_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def setup_stage(ctx, val) -> None:
+    with ctx.writer.stage("setup") as h5:
+        write_array(h5, "classes", np.array(val.class_names, dtype=object))
+        write_array(h5, "images/labels", np.asarray(val.labels, np.int64))
+        write_array(h5, "images/files", np.array(val.files, dtype=object))
+
+
+def main(argv=None) -> int:
+    from compute import activations, attributes, live, single_unit
+    from compute.context import RunContext
+    from compute.imagecache import ImageCache, default_workers
+
+    args = parse_args(argv)
+    spec = get_spec(args.model)
+    layers = spec.check_layers(args.layers)
+    live_layers = spec.check_layers(args.live_layers) if args.live_layers else [layers[-1]]
+    if args.live_layers is not None and len(args.live_layers) == 0:
+        live_layers = []
+    device = resolve_device(args.device)
+    data_dir = paths.data_dir(args.data_dir)
+    run_name = args.name or (spec.name if args.seed == 0 else f"{spec.name}-seed{args.seed}")
+    path = store_path(args, run_name)
+    started = time.time()
+
+    model, weights = spec.load(args.weights, data_dir, seed=args.seed)
+    val = load_data(spec, args, data_dir)
+    if len(val.class_names) != spec.num_classes:
+        raise UserError(f"the validation set has {len(val.class_names)} classes but {spec.name} predicts "
+                        f"{spec.num_classes}: point --data at the right data set")
+    concepts = concept_root(spec, args, data_dir, val)
+    settings = {name: value for name, value in vars(args).items()
+                if name not in ("store", "device", "force", "data_dir", "name", "batch_size", "max_memory")}
+    settings.update(layers=layers, live_layers=live_layers)
+    key = run_key({"model": spec.name, "weights": weights["weights_sha256"], "data": val.fingerprint,
+                   "settings": settings})
+    if path.exists() and not args.force:
+        from store import StoreReader
+
+        try:
+            if StoreReader(path).attrs.get("run_key") == key:
+                print(f"{path} is up to date (use --force to recompute)")
+                return 0
+        except StoreError:
+            pass  # a damaged or old store is simply recomputed
+    provenance = {
+        "model": spec.name, "arch": spec.arch, "run_name": run_name, "description": spec.description,
+        "weights_path": weights["weights_path"], "weights_sha256": weights["weights_sha256"],
+        "data_kind": spec.dataset, "data_path": str(val.root), "data_fingerprint": val.fingerprint,
+        "num_images": len(val.labels), "num_classes": len(val.class_names),
+        "concepts_path": str(concepts) if concepts else "",
+        "config": settings, "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": str(device), "precision": "float32", "torch_version": torch.__version__,
+        "ablation_note": spec.ablation_note, "layer_order": list(spec.layers), "seed": args.seed,
+    }
+    try:
+        writer = StoreWriter(path, key, provenance)
+    except StoreError as error:
+        raise UserError(str(error)) from None
+    workers = default_workers() if device.type == "cuda" else 0
+    images = ImageCache(val.dataset, spec.preprocess, data_dir / "cache" / f"{val.fingerprint[:16]}-{spec.preprocess.crop}.u8",
+                        workers=workers)
+    ctx = RunContext(spec=spec, model=model, images=images, class_names=list(val.class_names), layers=layers,
+                     device=device, writer=writer, config=settings, data_dir=data_dir,
+                     batch_size=args.batch_size or (128 if device.type == "cuda" else 64),
+                     max_memory=int(args.max_memory * (1 << 30)), extra={"concepts": concepts, "args": args})
+    if writer.completed_stages():
+        print(f"resuming {path.name}: {len(writer.completed_stages())} stages already done")
+    plan = [("setup", lambda: setup_stage(ctx, val)), ("activations", lambda: activations.run_stage(ctx))]
+    for layer in layers:
+        for name, stage in LAYER_STAGES:
+            plan.append((f"{name}/{layer}", lambda stage=stage, layer=layer: stage(ctx, layer)))
+    for layer in live_layers:
+        plan.append((f"live/{layer}", lambda layer=layer: live.run_stage(ctx, layer)))
+    for name, stage in plan:
+        if writer.done(name):
+            continue
+        try:
+            stage()
+        except StageSkipped as skipped:
+            print(f"skipped {name}: {skipped}", file=sys.stderr)
+    writer.commit()
+    print(f"wrote {path} in {time.time() - started:.0f} s")
+    return 0
+
+
+class StageSkipped(Exception):
+    """A stage that cannot run with what this run has (e.g. dissection without concept data); the rest goes on."""
+
+
+def _layer_stages():
+    from compute import attributes, single_unit
+
+    return [("ablation", single_unit.run_stage), ("attributes", attributes.run_stage)]
+
+
+LAYER_STAGES = _layer_stages()
+EXTRA_OPTIONS: list = []
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,114 @@
+"""Unit attributes (the paper's Sec. 2.2), each a plain function of arrays with its formula in the docstring.
+
+Per-class attributes are [units, classes] matrices; the paper's scalar is the maximum over classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def l1_norm(weight: np.ndarray) -> np.ndarray:
+    """L1 norm of each unit's filter: sum |w| over the unit's weights (weight is [units, ...])."""
+    weight = np.asarray(weight, dtype=np.float64)
+    return np.abs(weight.reshape(weight.shape[0], -1)).sum(1)
+
+
+def class_means(mean_act: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """mu[u, c]: the unit's mean activation over the images of class c ([N, U] in, [U, K] out)."""
+    mean_act = np.asarray(mean_act, dtype=np.float64)
+    onehot = np.eye(num_classes)[np.asarray(labels)]  # [N, K]
+    counts = onehot.sum(0)
+    return (mean_act.T @ onehot) / np.maximum(counts, 1)
+
+
+def class_selectivity(mean_act: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(mu_c - mu_not_c) / (mu_c + mu_not_c) per unit and class (Morcos et al. 2018).
+
+    mu_c is the unit's mean (spatially averaged) activation over images of class c, mu_not_c over all other images;
+    with the balanced validation sets used here that equals the mean of the other classes' means. Activations are
+    post-ReLU, so the value lies in [-1, 1]; a unit silent on every image gets 0.
+    """
+    mean_act = np.asarray(mean_act, dtype=np.float64)
+    labels = np.asarray(labels)
+    onehot = np.eye(num_classes)[labels]
+    counts = onehot.sum(0)
+    sums = mean_act.T @ onehot  # [U, K]
+    mu_c = sums / np.maximum(counts, 1)
+    mu_not = (sums.sum(1, keepdims=True) - sums) / np.maximum(len(labels) - counts, 1)
+    denom = mu_c + mu_not
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 0, (mu_c - mu_not) / denom, 0.0)
+    return out
+
+
+def class_correlation(mean_act: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Pearson correlation over images between each unit's mean activation and each class's predicted probability.
+
+    [N, U] and [N, K] in, [U, K] out; a constant unit or class gives 0 (no linear relation can be measured).
+    """
+    x = np.asarray(mean_act, dtype=np.float64)
+    y = np.asarray(probs, dtype=np.float64)
+    xc = x - x.mean(0)
+    yc = y - y.mean(0)
+    xs = np.sqrt((xc ** 2).sum(0))
+    ys = np.sqrt((yc ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (xc.T @ yc) / np.outer(xs, ys)
+    return np.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class RunningMoments:
+    """Streaming per-unit count, mean, std and fraction of zeros over every position of every image.
+
+    Chan et al.'s parallel update keeps the variance accurate in float64 while batches stream past.
+    """
+
+    def __init__(self, units: int):
+        self.count = 0
+        self.mean = np.zeros(units)
+        self.m2 = np.zeros(units)
+        self.zeros = np.zeros(units)
+
+    def update(self, acts: np.ndarray) -> None:
+        """acts: [B, U, H, W] (or [B, U])."""
+        values = np.moveaxis(np.asarray(acts, dtype=np.float64), 1, -1).reshape(-1, acts.shape[1])
+        n = values.shape[0]
+        if n == 0:
+            return
+        batch_mean = values.mean(0)
+        batch_m2 = ((values - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + batch_m2 + delta ** 2 * self.count * n / total
+        self.count = total
+        self.zeros += (values == 0).sum(0)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.count, 1))
+
+    @property
+    def sparsity(self) -> np.ndarray:
+        return self.zeros / max(self.count, 1)
+
+
+def run_stage(ctx, layer: str) -> None:
+    """Per-unit attributes of one layer from the activation pass and the model's weights."""
+    from store.writer import write_array
+
+    group = f"layers/{layer}/activations"
+    mean_act = ctx.writer.read_part("activations", f"{group}/mean")
+    probs = ctx.writer.read_part("activations", "images/probs")
+    labels = ctx.labels
+    selectivity = class_selectivity(mean_act, labels, ctx.num_classes)
+    correlation = class_correlation(mean_act, probs)
+    with ctx.writer.stage(f"attributes/{layer}") as h5:
+        out = f"layers/{layer}/attributes"
+        write_array(h5, f"{out}/l1", l1_norm(ctx.unit_weight(layer).numpy()).astype(np.float32),
+                    source=ctx.spec.unit_weights[layer])
+        write_array(h5, f"{out}/selectivity", selectivity.astype(np.float32))
+        write_array(h5, f"{out}/correlation", correlation.astype(np.float32))
+        for name in ("sparsity", "moment_mean", "moment_std"):
+            write_array(h5, f"{out}/{name.replace('moment_', 'act_')}", ctx.writer.read_part("activations", f"{group}/{name}"))

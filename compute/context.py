@@ -1,0 +1,68 @@
+"""What every stage of a run needs: the model as a sequence, the decoded images, the device, the store writer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compute.engine import AblationEngine
+from compute.imagecache import ImageCache
+from compute.sequence import run_to, tail_of
+
+
+@dataclass
+class RunContext:
+    spec: object
+    model: torch.nn.Module
+    images: ImageCache
+    class_names: list[str]
+    layers: list[str]
+    device: torch.device
+    writer: object
+    config: dict
+    data_dir: Path
+    batch_size: int = 64
+    max_memory: int = 1 << 30
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sequence = self.spec.to_sequence(self.model).to(self.device).eval()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.images.labels.numpy()
+
+    def step(self, layer: str) -> str:
+        return self.spec.layers[layer]
+
+    def activations(self, layers: list[str], indices=None, run_all: bool = False, desc: str | None = None):
+        """Yield ({layer: acts}, labels, indices) batch by batch; the prefix runs once per batch for all layers."""
+        from tqdm import tqdm
+
+        steps = {self.step(layer): layer for layer in layers}
+        total = len(self.images) if indices is None else len(indices)
+        batches = self.images.batches(self.batch_size, self.device, indices)
+        with tqdm(total=total, desc=desc, unit="img", leave=False, disable=desc is None) as bar:
+            for images, labels, idx in batches:
+                outputs = run_to(self.sequence, images, list(steps), run_all=run_all)
+                acts = {steps[s]: outputs[s] for s in steps}
+                if run_all:
+                    acts["logits"] = outputs["logits"]
+                bar.update(len(idx))
+                yield acts, labels, idx
+
+    def engine(self, layer: str) -> AblationEngine:
+        return AblationEngine(tail_of(self.sequence, self.step(layer)), max_memory=self.max_memory)
+
+    def unit_weight(self, layer: str) -> torch.Tensor:
+        return dict(self.model.named_modules())[self.spec.unit_weights[layer]].weight.detach().cpu()
+
+    def units(self, layer: str) -> int:
+        return int(self.unit_weight(layer).shape[0])

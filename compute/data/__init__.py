@@ -1,0 +1,1 @@
+"""Data sets: SynthScenes (embedded), Broden (concepts), validation sets (file lists, Places365, ImageFolder)."""

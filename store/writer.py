@@ -1,0 +1,182 @@
+"""Writing a run: each stage into its own part file, assembled into the store by one atomic rename.
+
+Why parts: HDF5 does not survive a writer killed mid-write (the file's metadata may be left inconsistent), so a stage
+never writes into a file anyone else needs. Stage ``s`` is written as ``.<run>.parts/<s>.h5.tmp`` and renamed to
+``<s>.h5`` when it completes; the final ``<run>.h5`` appears only when every stage is done (temporary name, then
+``os.replace``). A killed run leaves at most a ``.tmp`` part, which the next run discards and redoes: readers, who only
+open ``*.h5`` files in the store directory, never see a partial store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from store.schema import SCHEMA_VERSION, SUFFIX, StoreError
+
+# Small arrays are not worth a chunk index; everything else is chunked, compressed and checksummed.
+_MIN_FILTERED = 64
+
+
+def write_array(group: h5py.Group, path: str, data, **attrs) -> h5py.Dataset:
+    """Create ``path`` under ``group`` (replacing it), compressed and fletcher32-checksummed where it can be."""
+    if path in group:
+        del group[path]
+    array = np.asarray(data)
+    if array.dtype.kind in "US" or array.dtype == object:
+        dataset = group.create_dataset(path, data=np.asarray(array, dtype=object), dtype=h5py.string_dtype())
+    elif array.ndim == 0 or array.size < _MIN_FILTERED:
+        dataset = group.create_dataset(path, data=array)
+    else:
+        dataset = group.create_dataset(path, data=array, chunks=True, compression="gzip", compression_opts=4,
+                                       shuffle=True, fletcher32=True)
+    for key, value in attrs.items():
+        dataset.attrs[key] = value
+    return dataset
+
+
+def create_array(group: h5py.Group, path: str, shape, dtype, chunks=None) -> h5py.Dataset:
+    """An empty filtered dataset to fill in slices (streamed results too large to hold at once)."""
+    if path in group:
+        del group[path]
+    return group.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks or True, compression="gzip",
+                                compression_opts=4, shuffle=True, fletcher32=True)
+
+
+def _merge(source: h5py.Group, target: h5py.Group) -> None:
+    for key, value in source.attrs.items():
+        target.attrs[key] = value
+    for name, item in source.items():
+        if isinstance(item, h5py.Group):
+            _merge(item, target.require_group(name))
+        else:
+            if name in target:
+                del target[name]
+            source.copy(item, target, name=name)
+
+
+class StoreWriter:
+    """Writes one run's store; resumable stage by stage.
+
+    >>> writer = StoreWriter(path, run_key, provenance)
+    >>> if not writer.done("ablation/conv5"):
+    ...     with writer.stage("ablation/conv5") as h5:
+    ...         write_array(h5, "layers/conv5/ablation/class_drop", drop)
+    >>> writer.commit()
+    """
+
+    def __init__(self, path: Path, run_key: str, provenance: dict):
+        self.path = Path(path)
+        if not self.path.name.endswith(SUFFIX):
+            raise StoreError(f"store path {self.path} must end in {SUFFIX}")
+        self.run_key = run_key
+        self.provenance = dict(provenance)
+        self.parts = self.path.with_name("." + self.path.name[: -len(SUFFIX)] + ".parts")
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot write in {self.path.parent} ({error.strerror}): choose a writable --store") from None
+        self._lock = open(self.parts / "lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError(f"another process is writing {self.path.name}: wait for it or kill it") from None
+        self._start_or_resume()
+
+    # Resume only parts made for the same run (model, weights, data, settings); anything else is stale.
+    def _start_or_resume(self) -> None:
+        key_file = self.parts / "run.json"
+        if key_file.exists():
+            try:
+                previous = json.loads(key_file.read_text()).get("run_key")
+            except ValueError:
+                previous = None
+            if previous != self.run_key:
+                for stale in self.parts.glob("*.h5*"):
+                    stale.unlink()
+        for leftover in self.parts.glob("*.tmp"):
+            leftover.unlink()
+        key_file.write_text(json.dumps({"run_key": self.run_key, "provenance": self.provenance}, default=str))
+
+    def _part(self, stage: str) -> Path:
+        return self.parts / (stage.replace("/", "__") + ".h5")
+
+    def done(self, stage: str) -> bool:
+        return self._part(stage).exists()
+
+    def completed_stages(self) -> list[str]:
+        return sorted(p.name[:-3].replace("__", "/") for p in self.parts.glob("*.h5"))
+
+    @contextmanager
+    def stage(self, stage: str):
+        """Yield an h5py file for this stage; it counts only if the block finishes without an exception."""
+        final = self._part(stage)
+        temporary = final.with_name(final.name + ".tmp")
+        handle = h5py.File(temporary, "w")
+        try:
+            yield handle
+            handle.attrs["stage"] = stage
+            handle.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            handle.close()
+            os.replace(temporary, final)
+        except BaseException:
+            handle.close()
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def read_part(self, stage: str, path: str):
+        """Read back a dataset an earlier stage wrote (later stages build on earlier results)."""
+        with h5py.File(self._part(stage), "r") as handle:
+            return handle[path][()]
+
+    def commit(self) -> Path:
+        """Assemble every part into ``<run>.h5`` under a temporary name, then rename it into place."""
+        temporary = self.path.with_name("." + self.path.name + ".assembling")
+        with h5py.File(temporary, "w") as target:
+            for part in sorted(self.parts.glob("*.h5")):
+                with h5py.File(part, "r") as source:
+                    stage = source.attrs.get("stage", part.stem)
+                    finished = source.attrs.get("finished", "")
+                    _merge(source, target)
+                target.require_group("stages").attrs[str(stage)] = str(finished)
+            for attr in ("stage", "finished"):
+                if attr in target.attrs:
+                    del target.attrs[attr]
+            for key, value in self.provenance.items():
+                target.attrs[key] = value if isinstance(value, (int, float, str, np.number)) else json.dumps(value, default=str)
+            target.attrs["run_key"] = self.run_key
+            target.attrs["schema_version"] = SCHEMA_VERSION
+            target.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        os.replace(temporary, self.path)
+        self.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.path
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+
+@contextmanager
+def amend(path: Path):
+    """Add to a finished store without ever exposing a half-written file: copy, write, rename over."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"store {path} not found: run `python -m compute.all` first")
+    temporary = path.with_name("." + path.name + f".amend-{os.getpid()}")
+    shutil.copy2(path, temporary)
+    try:
+        with h5py.File(temporary, "a") as handle:
+            yield handle
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
