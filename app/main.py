@@ -17,6 +17,12 @@ from app import loaders  # noqa: E402
 PAGES = [
     ("pages/overview.py", "Overview", "overview", ":material/monitoring:"),
     ("pages/unit.py", "Unit", "unit", ":material/neurology:"),
+    ("pages/greedy.py", "Greedy ablation", "greedy", ":material/trending_down:"),
+    ("pages/attributes.py", "Attributes", "attributes", ":material/scatter_plot:"),
+    ("pages/dissection.py", "Dissection", "dissection", ":material/category:"),
+    ("pages/rotation.py", "Rotation", "rotation", ":material/rotate_right:"),
+    ("pages/variants.py", "Variants", "variants", ":material/compare:"),
+    ("pages/prediction.py", "Predicting classes", "prediction", ":material/table_chart:"),
 ]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from compute import paths
-from compute.errors import UserError, run_cli
+from compute.errors import StageSkipped, UserError, run_cli
 from compute.models import get_spec, model_names
 from store import StoreError, StoreWriter
 from store.writer import write_array
@@ -198,18 +198,35 @@ def main(argv=None) -> int:
     return 0
 
 
-class StageSkipped(Exception):
-    """A stage that cannot run with what this run has (e.g. dissection without concept data); the rest goes on."""
-
-
 def _layer_stages():
-    from compute import attributes, single_unit
+    """Per-layer stages in run order; later ones read what earlier ones wrote (writer.read_part)."""
+    from compute import attributes, dissection, greedy, relations, rotation, single_unit, topimages
 
-    return [("ablation", single_unit.run_stage), ("attributes", attributes.run_stage)]
+    return [
+        ("ablation", single_unit.run_stage),
+        ("attributes", attributes.run_stage),
+        ("dissection", dissection.run_stage),
+        ("topimages", topimages.run_stage),
+        ("relations", relations.run_stage),
+        ("greedy", greedy.run_stage),
+        ("rotation", rotation.run_stage),
+    ]
+
+
+def _analysis_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("analyses")
+    group.add_argument("--top-k", type=int, default=10, help="top activating images kept per unit")
+    group.add_argument("--quantile", type=float, default=0.005, help="dissection: top activation quantile")
+    group.add_argument("--iou-threshold", type=float, default=0.04, help="dissection: IoU to call a detector")
+    group.add_argument("--greedy-steps", type=int, default=20, help="greedy ablation: units per class (0 = skip)")
+    group.add_argument("--greedy-classes", nargs="*", default=None,
+                       help="greedy ablation: class names or indices (default: all classes)")
+    group.add_argument("--random-orders", type=int, default=10, help="greedy ablation: random-order seeds")
+    group.add_argument("--rotations", type=int, default=1, help="random rotations (seeds) per layer (0 = skip)")
 
 
 LAYER_STAGES = _layer_stages()
-EXTRA_OPTIONS: list = []
+EXTRA_OPTIONS: list = [_analysis_options]
 
 if __name__ == "__main__":
     raise SystemExit(run_cli(main))

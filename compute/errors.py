@@ -14,6 +14,10 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class StageSkipped(Exception):
+    """A stage that cannot run with what this run has (e.g. dissection without concept data); the rest goes on."""
+
+
 def run_cli(main, argv=None) -> int:
     """Call ``main(argv)``; turn a UserError into a one-line message on stderr and exit code 2."""
     import sys

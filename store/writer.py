@@ -51,6 +51,17 @@ def create_array(group: h5py.Group, path: str, shape, dtype, chunks=None) -> h5p
                                 compression_opts=4, shuffle=True, fletcher32=True)
 
 
+def _attr_value(value):
+    """HDF5 attributes hold numbers and plain strings; anything richer is stored as JSON text."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float, np.number)):
+        return value
+    if isinstance(value, str):
+        return str(value)  # str subclasses (torch's version string) would become numpy unicode arrays
+    return json.dumps(value, default=str)
+
+
 def _merge(source: h5py.Group, target: h5py.Group) -> None:
     for key, value in source.attrs.items():
         target.attrs[key] = value
@@ -140,6 +151,17 @@ class StoreWriter:
     def commit(self) -> Path:
         """Assemble every part into ``<run>.h5`` under a temporary name, then rename it into place."""
         temporary = self.path.with_name("." + self.path.name + ".assembling")
+        try:
+            self._assemble(temporary)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        os.replace(temporary, self.path)
+        self.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.path
+
+    def _assemble(self, temporary: Path) -> None:
         with h5py.File(temporary, "w") as target:
             for part in sorted(self.parts.glob("*.h5")):
                 with h5py.File(part, "r") as source:
@@ -151,14 +173,10 @@ class StoreWriter:
                 if attr in target.attrs:
                     del target.attrs[attr]
             for key, value in self.provenance.items():
-                target.attrs[key] = value if isinstance(value, (int, float, str, np.number)) else json.dumps(value, default=str)
+                target.attrs[key] = _attr_value(value)
             target.attrs["run_key"] = self.run_key
             target.attrs["schema_version"] = SCHEMA_VERSION
             target.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        os.replace(temporary, self.path)
-        self.close()
-        shutil.rmtree(self.parts, ignore_errors=True)
-        return self.path
 
     def close(self) -> None:
         if not self._lock.closed:

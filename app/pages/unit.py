@@ -74,11 +74,10 @@ def render() -> None:
     if rows:
         st.subheader("Attributes")
         st.table(pd.DataFrame(rows, columns=["attribute", "value"]).set_index("attribute"))
-    for section in UNIT_SECTIONS:
+    from app.unit_sections import SECTIONS
+
+    for section in SECTIONS:
         section(store, layer, unit)
 
-
-# Further sections (top images, concept) register here; each takes (store, layer, unit) and draws itself.
-UNIT_SECTIONS: list = []
 
 guarded(render)

@@ -79,6 +79,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_BUILTIN_LOADED = False
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -100,15 +101,11 @@ def get_spec(name: str) -> ModelSpec:
 
 def _load_builtin() -> None:
     # Imported lazily so that `compute.models.registry` stays importable without torchvision.
-    if _REGISTRY:
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
         return
-    from compute.models import demo  # noqa: F401
-
-    try:
-        from compute.models import zoo  # noqa: F401
-    except ImportError as error:  # zoo is optional until the real models land
-        if "compute.models.zoo" not in str(error) and "zoo" not in str(error):
-            raise
+    _BUILTIN_LOADED = True
+    from compute.models import demo, zoo  # noqa: F401
 
 
 def sha256_of(path: Path) -> str:
