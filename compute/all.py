@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="checkpoint file (default: looked up for the model)")
     parser.add_argument("--seed", type=int, default=0, help="instance seed of a demo model (trained if missing)")
     parser.add_argument("--data", default=None, help="validation set folder (default: the model's data set)")
+    parser.add_argument("--dataset", default=None, choices=("synthscenes", "places365", "imagenet", "imagefolder"),
+                        help="layout of --data (default: the model's; imagefolder = any <class>/<image> folder)")
     parser.add_argument("--concepts", default=None, help="Broden-layout concept data set for dissection")
     parser.add_argument("--per-class", type=int, default=None, help="use the first N validation images per class")
     parser.add_argument("--data-dir", default=None, help=f"data directory (default ${paths.DATA_ENV} or ./data)")
@@ -85,16 +87,16 @@ def store_path(args, run_name: str) -> Path:
 def load_data(spec, args, data_dir: Path):
     from compute.data.validation import load_validation
 
+    kind = args.dataset or spec.dataset
     path = args.data
-    if spec.dataset == "synthscenes" and path is None:
+    if path is None and kind == "synthscenes":
         from compute.data import synthscenes
 
         path = synthscenes.ensure(data_dir)
     elif path is None:
         raise UserError(f"{spec.name} needs its validation set: pass --data PATH (see README, 'Running on the "
                         f"paper's models')")
-    return load_validation(spec.dataset if args.data is None or spec.dataset != "synthscenes" else "synthscenes",
-                           Path(path), spec.preprocess, per_class=args.per_class, num_classes=spec.num_classes)
+    return load_validation(kind, Path(path), spec.preprocess, per_class=args.per_class, num_classes=spec.num_classes)
 
 
 def concept_root(spec, args, data_dir: Path, val) -> Path | None:

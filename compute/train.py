@@ -56,8 +56,12 @@ def _normalise(images_u8, preprocess):
 
 
 def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: int | None = None,
-               data_seed: int = 0) -> dict:
-    """Train one demo model; returns {'path', 'val_accuracy', 'seconds'}."""
+               data_seed: int = 0, dataset_root=None) -> dict:
+    """Train one demo model; returns {'path', 'val_accuracy', 'seconds'}.
+
+    The data set is SynthScenes with ``data_seed`` in the data directory, or ``dataset_root`` when given (tests
+    train on a tiny one).
+    """
     from compute.data import synthscenes
     from compute.models import get_spec
     from compute.models.demo import weights_file
@@ -66,7 +70,7 @@ def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: i
     if spec.arch != "demo":
         raise UserError(f"compute.train trains the demo models only (demo, demo-bn, demo-dropout), not {model_name}")
     data_dir = paths.data_dir(data_dir)
-    root = synthscenes.ensure(data_dir, seed=data_seed)
+    root = Path(dataset_root) if dataset_root else synthscenes.ensure(data_dir, seed=data_seed)
     train_x, train_y = load_split(root, "train")
     val_x, val_y = load_split(root, "val")
     settings = dict(DEFAULTS, epochs=epochs or DEFAULTS["epochs"])

@@ -184,9 +184,12 @@ def _folder_set(kind: str, path: Path):
         raise UserError(f"no class folders in {path}: {kind} validation must be in the ImageFolder layout "
                         f"<class>/<image>.JPEG") from None
     names = folders
+    present = len(folders)
     if kind == "imagenet":
         names = imagenet_class_names(path)
         index = imagenet_class_index(path)
+        # With the class index, the classes are the index's: a subset of class folders is still ImageNet.
+        present = len(index) if index is not None else present
         if index is not None:  # map folders by wnid rather than trust their sorted order
             by_wnid = {wnid: i for i, (wnid, _) in enumerate(index)}
             unknown = [folder for folder in folders if folder not in by_wnid]
@@ -200,7 +203,7 @@ def _folder_set(kind: str, path: Path):
         raise UserError(f"{path}: {error}; add images to those class folders or remove them") from None
     files = [os.path.relpath(file, path) for file, _ in samples]
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
-    return path, files, labels, names, len(folders)
+    return path, files, labels, names, present
 
 
 def default_workers(device) -> int:

@@ -1,0 +1,39 @@
+"""Shared fixtures: one tiny but real run of the whole pipeline, computed once per test session.
+
+Tiny SynthScenes (8 training and 6 validation images per class), a demo CNN trained for two epochs, and
+``compute.all`` with small settings. Tests that need a store read this one instead of computing their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY = {"train_per_class": 8, "val_per_class": 6}
+TINY_ARGS = ["--greedy-steps", "3", "--random-orders", "2", "--rotations", "1", "--top-k", "3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    from compute.all import main as compute_all
+    from compute.data import synthscenes
+    from compute.train import train_demo
+
+    data_dir = tmp_path_factory.mktemp("tiny-data")
+    root = synthscenes.generate(data_dir / "datasets" / "synthscenes-seed0", seed=0, **TINY)
+    train_demo("demo", seed=0, data_dir=data_dir, epochs=2, dataset_root=root)
+    args = ["--model", "demo", "--data-dir", str(data_dir), "--data", str(root), *TINY_ARGS]
+    assert compute_all(args) == 0
+    store = data_dir / "stores" / "demo.h5"
+    assert store.exists()
+    return {"data_dir": data_dir, "dataset": root, "store": store, "args": args}
+
+
+@pytest.fixture()
+def store_env(tiny_run, monkeypatch):
+    """Point the app at the tiny run's store directory."""
+    monkeypatch.setenv("UNIT_ABLATION_STORES", str(Path(tiny_run["store"]).parent))
+    monkeypatch.setenv("UNIT_ABLATION_DATA", str(tiny_run["data_dir"]))
+    return tiny_run

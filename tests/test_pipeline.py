@@ -1,0 +1,81 @@
+"""End to end: compute.all on a tiny SynthScenes run, checked against definitions."""
+
+import numpy as np
+import pytest
+import torch
+
+from compute.all import main as compute_all
+from compute.models import get_spec
+from store import StoreReader
+
+
+def test_store_holds_the_contract_paths(tiny_run):
+    store = StoreReader(tiny_run["store"])
+    assert len(store.classes) == 24
+    labels = store.read("images/labels")
+    assert np.bincount(labels).tolist() == [6] * 24
+    for layer in ("conv3", "conv4", "conv5"):
+        drop = store.layer(layer, "ablation", "class_drop")
+        overall = store.layer(layer, "ablation", "overall_drop")
+        assert drop.dtype == np.float32 and drop.shape == (store.layer(layer, "attributes", "l1").shape[0], 24)
+        # balanced validation set: the overall drop is the mean of the class drops
+        assert np.allclose(drop.mean(1), overall, atol=1e-6)
+        assert store.layer(layer, "activations", "mean").shape == (144, drop.shape[0])
+        assert store.layer(layer, "attributes", "selectivity").shape == drop.shape
+    for key in ("model", "weights_sha256", "data_fingerprint", "config", "code_version", "created", "schema_version"):
+        assert key in store.attrs
+
+
+def test_single_unit_drop_equals_zeroed_weights(tiny_run):
+    """Recompute a few units' drops by zeroing the conv filter in a copy of the network and running it whole."""
+    from compute.data.validation import load_validation
+
+    store = StoreReader(tiny_run["store"])
+    spec = get_spec("demo")
+    model, _ = spec.load(None, tiny_run["data_dir"])
+    val = load_validation("synthscenes", tiny_run["dataset"], spec.preprocess)
+    images = torch.stack([val.dataset[i][0] for i in range(len(val.labels))])
+    labels = torch.as_tensor(val.labels)
+    with torch.no_grad():
+        base_correct = (model(images).argmax(1) == labels).float()
+    drop = store.layer("conv5", "ablation", "overall_drop")
+    for unit in (0, 7, 31):
+        conv = model.conv5
+        saved = conv.weight.data[unit].clone(), conv.bias.data[unit].clone()
+        conv.weight.data[unit] = 0
+        conv.bias.data[unit] = 0
+        with torch.no_grad():
+            correct = (model(images).argmax(1) == labels).float()
+        conv.weight.data[unit], conv.bias.data[unit] = saved
+        assert drop[unit] == pytest.approx(float(base_correct.mean() - correct.mean()), abs=1e-6)
+
+
+def test_rerun_is_up_to_date(tiny_run, capsys):
+    assert compute_all(tiny_run["args"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "vgg99"], "unknown model"),
+    (["--layers", "conv9"], "unknown layer"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_run, capsys, extra, message):
+    args = list(tiny_run["args"]) + extra
+    assert compute_all_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_unwritable_store_is_one_line(tiny_run, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert compute_all_cli(list(tiny_run["args"]) + ["--store", str(blocker / "sub")]) == 2
+    assert "writable --store" in capsys.readouterr().err
+
+
+def compute_all_cli(args):
+    from compute.all import main
+    from compute.errors import run_cli
+
+    return run_cli(main, args)
