@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compute import paths
+from compute import distributed, paths
 from compute.errors import StageSkipped, UserError, run_cli
 from compute.models import get_spec, model_names
 from store import StoreError, StoreWriter
@@ -105,8 +105,9 @@ def concept_root(spec, args, data_dir: Path, val) -> Path | None:
         if not (root / "index.csv").exists():
             raise UserError(f"no Broden index.csv in {root}: pass --concepts pointing at an unzipped broden1_224")
         return root
-    if spec.dataset == "synthscenes":
-        return Path(val.root)
+    if val.kind == "synthscenes":  # SynthScenes carries its own concept masks in the Broden layout
+        root = Path(val.root)
+        return root if (root / "index.csv").exists() else root.parent
     default = data_dir / "datasets" / "broden1_224"
     return default if (default / "index.csv").exists() else None
 
@@ -134,6 +135,10 @@ def main(argv=None) -> int:
     if args.live_layers is not None and len(args.live_layers) == 0:
         live_layers = []
     device = resolve_device(args.device)
+    dist = distributed.from_environment(device)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
     data_dir = paths.data_dir(args.data_dir)
     run_name = args.name or (spec.name if args.seed == 0 else f"{spec.name}-seed{args.seed}")
     path = store_path(args, run_name)
@@ -169,18 +174,16 @@ def main(argv=None) -> int:
         "device": str(device), "precision": "float32", "torch_version": torch.__version__,
         "ablation_note": spec.ablation_note, "layer_order": list(spec.layers), "seed": args.seed,
     }
-    try:
-        writer = StoreWriter(path, key, provenance)
-    except StoreError as error:
-        raise UserError(str(error)) from None
+    writer = open_writer(path, key, provenance, dist)
     workers = default_workers() if device.type == "cuda" else 0
     images = ImageCache(val.dataset, spec.preprocess, data_dir / "cache" / f"{val.fingerprint[:16]}-{spec.preprocess.crop}.u8",
                         workers=workers)
     ctx = RunContext(spec=spec, model=model, images=images, class_names=list(val.class_names), layers=layers,
                      device=device, writer=writer, config=settings, data_dir=data_dir,
                      batch_size=args.batch_size or (128 if device.type == "cuda" else 64),
-                     max_memory=int(args.max_memory * (1 << 30)), extra={"concepts": concepts, "args": args})
-    if writer.completed_stages():
+                     max_memory=int(args.max_memory * (1 << 30)), extra={"concepts": concepts, "args": args},
+                     dist=dist)
+    if writer.completed_stages() and dist.is_main:
         print(f"resuming {path.name}: {len(writer.completed_stages())} stages already done")
     plan = [("setup", lambda: setup_stage(ctx, val)), ("activations", lambda: activations.run_stage(ctx))]
     for layer in layers:
@@ -189,15 +192,39 @@ def main(argv=None) -> int:
     for layer in live_layers:
         plan.append((f"live/{layer}", lambda layer=layer: live.run_stage(ctx, layer)))
     for name, stage in plan:
-        if writer.done(name):
+        # Other ranks take part only in the sharded stages; rank 0 runs the rest alone.
+        if writer.done(name) or not (dist.is_main or name.split("/")[0] in SHARDED_STAGES):
             continue
         try:
             stage()
         except StageSkipped as skipped:
-            print(f"skipped {name}: {skipped}", file=sys.stderr)
+            if dist.is_main:
+                print(f"skipped {name}: {skipped}", file=sys.stderr)
+        except Exception as error:
+            if dist.active:  # torchrun stops the other ranks; say what to do before its own report
+                print(f"rank {dist.rank} failed in stage {name}: {type(error).__name__}: {error}. Finished shards "
+                      f"are kept in {writer.parts}: rerun the same command to resume.", file=sys.stderr)
+            raise
+    if not dist.is_main:
+        writer.close()
+        return 0
     writer.commit()
     print(f"wrote {path} in {time.time() - started:.0f} s")
     return 0
+
+
+def open_writer(path: Path, key: str, provenance: dict, dist) -> StoreWriter:
+    """Rank 0 opens (and, for a new run, clears) the run's parts first; the other ranks join after it."""
+    writer = None
+    try:
+        if dist.is_main:
+            writer = StoreWriter(path, key, provenance)
+        dist.barrier()
+        if not dist.is_main:
+            writer = StoreWriter(path, key, provenance, shard_rank=dist.rank)
+    except StoreError as error:
+        raise UserError(str(error)) from None
+    return writer
 
 
 def _layer_stages():
@@ -228,6 +255,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
 
 
 LAYER_STAGES = _layer_stages()
+# Stages whose work is shared out between torchrun ranks (compute.context.RunContext.run_sharded).
+SHARDED_STAGES = {"activations", "ablation"}
 EXTRA_OPTIONS: list = [_analysis_options]
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ def class_correlation(mean_act: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def batch_moments(acts: np.ndarray):
+    """(count, mean, sum of squared deviations, zeros) per unit over every position of a batch [B, U, ...]."""
+    values = np.moveaxis(np.asarray(acts, dtype=np.float64), 1, -1).reshape(-1, acts.shape[1])
+    if values.shape[0] == 0:
+        return 0, np.zeros(acts.shape[1]), np.zeros(acts.shape[1]), np.zeros(acts.shape[1])
+    mean = values.mean(0)
+    return values.shape[0], mean, ((values - mean) ** 2).sum(0), (values == 0).sum(0).astype(np.float64)
+
+
 class RunningMoments:
     """Streaming per-unit count, mean, std and fraction of zeros over every position of every image.
 
@@ -72,18 +81,18 @@ class RunningMoments:
 
     def update(self, acts: np.ndarray) -> None:
         """acts: [B, U, H, W] (or [B, U])."""
-        values = np.moveaxis(np.asarray(acts, dtype=np.float64), 1, -1).reshape(-1, acts.shape[1])
-        n = values.shape[0]
+        self.merge(*batch_moments(acts))
+
+    def merge(self, n: int, batch_mean: np.ndarray, batch_m2: np.ndarray, zeros: np.ndarray) -> None:
+        """Fold in one batch's moments (from ``batch_moments``); merging in batch order reproduces ``update``."""
         if n == 0:
             return
-        batch_mean = values.mean(0)
-        batch_m2 = ((values - batch_mean) ** 2).sum(0)
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * n / total
         self.m2 = self.m2 + batch_m2 + delta ** 2 * self.count * n / total
         self.count = total
-        self.zeros += (values == 0).sum(0)
+        self.zeros += zeros
 
     @property
     def std(self) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from compute.distributed import Dist
 from compute.engine import AblationEngine
 from compute.imagecache import ImageCache
 from compute.sequence import run_to, tail_of
@@ -27,6 +29,7 @@ class RunContext:
     batch_size: int = 64
     max_memory: int = 1 << 30
     extra: dict = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)
 
     def __post_init__(self):
         self.sequence = self.spec.to_sequence(self.model).to(self.device).eval()
@@ -66,3 +69,41 @@ class RunContext:
 
     def units(self, layer: str) -> int:
         return int(self.unit_weight(layer).shape[0])
+
+    def run_sharded(self, stage: str, items: int, compute, combine):
+        """Split ``items`` over the ranks; return ``combine([(indices, arrays), ...])`` on rank 0, None elsewhere.
+
+        ``compute(indices) -> dict of numpy arrays`` does this rank's share. With several ranks each share is kept as
+        a part of the run (``<stage>/shard-r-of-w``), so a rerun after a failure recomputes only missing shares.
+        """
+        if not self.dist.active:
+            everything = np.arange(items)
+            return combine([(everything, compute(everything))])
+        from store.writer import write_array
+
+        mine = self.shard_stage(stage, self.dist.rank)
+        if self.writer.done(mine):
+            print(f"rank {self.dist.rank}: reusing its finished share of {stage}", file=sys.stderr)
+        else:
+            indices = self.dist.shard(items)
+            arrays = compute(indices)
+            with self.writer.stage(mine) as h5:
+                write_array(h5, "shard/indices", indices)
+                for name, value in arrays.items():
+                    write_array(h5, f"shard/{name}", value)
+        self.dist.barrier()
+        if not self.dist.is_main:
+            return None
+        shares = []
+        for rank in range(self.dist.world):
+            arrays = self.writer.read_part_group(self.shard_stage(stage, rank), "shard")
+            shares.append((arrays.pop("indices"), arrays))
+        return combine(shares)
+
+    def shard_stage(self, stage: str, rank: int) -> str:
+        return f"{stage}/shard-{rank}-of-{self.dist.world}"
+
+    def drop_shards(self, stage: str) -> None:
+        """Once rank 0 has written the combined stage, the shares are no longer needed (nor wanted in the store)."""
+        for rank in range(self.dist.world if self.dist.active else 0):
+            self.writer.discard(self.shard_stage(stage, rank))

@@ -36,7 +36,7 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
         unit_correct += ((outcome.pred == labels).double() @ onehot).cpu().numpy()
     counts = np.bincount(ctx.labels, minlength=k).astype(np.float64)
-    return {"units": units, "base_correct": base_correct, "unit_correct": unit_correct, "counts": counts}
+    return {"base_correct": base_correct, "unit_correct": unit_correct, "counts": counts}
 
 
 def drops(result: dict) -> dict:
@@ -54,12 +54,27 @@ def drops(result: dict) -> dict:
     }
 
 
+def _combine(shares: list) -> dict:
+    """Put the ranks' unit shares back in unit order (a lone process has one share holding every unit)."""
+    units = np.concatenate([indices for indices, _ in shares])
+    order = np.argsort(units, kind="stable")
+    first = shares[0][1]
+    return {"units": units[order], "base_correct": first["base_correct"], "counts": first["counts"],
+            "unit_correct": np.concatenate([arrays["unit_correct"] for _, arrays in shares])[order]}
+
+
 def run_stage(ctx, layer: str) -> None:
-    result = drops(sweep(ctx, layer))
-    with ctx.writer.stage(f"ablation/{layer}") as h5:
+    """Sweep every unit (sharded over ranks under torchrun); rank 0 writes the drops."""
+    stage = f"ablation/{layer}"
+    swept = ctx.run_sharded(stage, ctx.units(layer), lambda units: sweep(ctx, layer, units), _combine)
+    if swept is None:
+        return
+    result = drops(swept)
+    with ctx.writer.stage(stage) as h5:
         group = f"layers/{layer}/ablation"
         write_array(h5, f"{group}/baseline_class_acc", result["baseline_class_acc"])
         write_array(h5, f"{group}/class_drop", result["class_drop"], units="accuracy fraction, baseline - ablated")
         write_array(h5, f"{group}/overall_drop", result["overall_drop"])
         h5[group].attrs["baseline_overall_acc"] = result["baseline_overall_acc"]
         h5[group].attrs["method"] = ctx.spec.ablation_note
+    ctx.drop_shards(stage)

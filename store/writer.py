@@ -22,18 +22,19 @@ import numpy as np
 
 from store.schema import SCHEMA_VERSION, SUFFIX, StoreError
 
-# Small arrays are not worth a chunk index; everything else is chunked, compressed and checksummed.
-_MIN_FILTERED = 64
-
 
 def write_array(group: h5py.Group, path: str, data, **attrs) -> h5py.Dataset:
-    """Create ``path`` under ``group`` (replacing it), compressed and fletcher32-checksummed where it can be."""
+    """Create ``path`` under ``group`` (replacing it), compressed and fletcher32-checksummed where it can be.
+
+    Every numeric array, however small, is chunked with a checksum, so that store.check can vouch for every number;
+    strings (variable-length, kept in HDF5's global heap) and scalars cannot carry one.
+    """
     if path in group:
         del group[path]
     array = np.asarray(data)
     if array.dtype.kind in "US" or array.dtype == object:
         dataset = group.create_dataset(path, data=np.asarray(array, dtype=object), dtype=h5py.string_dtype())
-    elif array.ndim == 0 or array.size < _MIN_FILTERED:
+    elif array.ndim == 0 or array.size == 0:  # scalars and empty arrays cannot be chunked, so cannot carry checksums
         dataset = group.create_dataset(path, data=array)
     else:
         dataset = group.create_dataset(path, data=array, chunks=True, compression="gzip", compression_opts=4,
@@ -84,7 +85,7 @@ class StoreWriter:
     >>> writer.commit()
     """
 
-    def __init__(self, path: Path, run_key: str, provenance: dict):
+    def __init__(self, path: Path, run_key: str, provenance: dict, shard_rank: int = 0):
         self.path = Path(path)
         if not self.path.name.endswith(SUFFIX):
             raise StoreError(f"store path {self.path} must end in {SUFFIX}")
@@ -95,12 +96,14 @@ class StoreWriter:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StoreError(f"cannot write in {self.path.parent} ({error.strerror}): choose a writable --store") from None
-        self._lock = open(self.parts / "lock", "w")
+        # Rank 0 of a run (or a lone process) owns the parts; other ranks only add their shard parts.
+        self._lock = open(self.parts / ("lock" if shard_rank == 0 else f"lock-rank{shard_rank}"), "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise StoreError(f"another process is writing {self.path.name}: wait for it or kill it") from None
-        self._start_or_resume()
+        if shard_rank == 0:
+            self._start_or_resume()
 
     # Resume only parts made for the same run (model, weights, data, settings); anything else is stale.
     def _start_or_resume(self) -> None:
@@ -115,6 +118,8 @@ class StoreWriter:
                     stale.unlink()
         for leftover in self.parts.glob("*.tmp"):
             leftover.unlink()
+        for lock in self.parts.glob("lock-rank*"):
+            lock.unlink(missing_ok=True)
         key_file.write_text(json.dumps({"run_key": self.run_key, "provenance": self.provenance}, default=str))
 
     def _part(self, stage: str) -> Path:
@@ -147,6 +152,17 @@ class StoreWriter:
         """Read back a dataset an earlier stage wrote (later stages build on earlier results)."""
         with h5py.File(self._part(stage), "r") as handle:
             return handle[path][()]
+
+    def read_part_group(self, stage: str, group: str) -> dict:
+        """Every dataset under ``group`` of a part, as numpy arrays keyed by their path below the group."""
+        arrays = {}
+        with h5py.File(self._part(stage), "r") as handle:
+            handle[group].visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                                     if isinstance(item, h5py.Dataset) else None)
+        return arrays
+
+    def discard(self, stage: str) -> None:
+        self._part(stage).unlink(missing_ok=True)
 
     def commit(self) -> Path:
         """Assemble every part into ``<run>.h5`` under a temporary name, then rename it into place."""
