@@ -73,6 +73,12 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def use_float32_everywhere() -> None:
+    """The store says float32: keep cuDNN and cuBLAS from silently using TF32 (10-bit mantissa) on Ampere+ GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def store_path(args, run_name: str) -> Path:
     if args.store and str(args.store).endswith(".h5"):
         return Path(args.store).resolve()
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
     if args.live_layers is not None and len(args.live_layers) == 0:
         live_layers = []
     device = resolve_device(args.device)
+    use_float32_everywhere()
     dist = distributed.from_environment(device)
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)

@@ -1,0 +1,295 @@
+"""Concept alignment of units (Network Dissection, Bau et al. 2017): one threshold per unit, its IoU with every concept.
+
+For each unit u of a layer, over a concept data set in the Broden layout (compute.data.broden):
+
+1. T_u is the top ``quantile`` (0.5%) of u's activations over every position of every concept image, computed exactly
+   in bounded memory (compute.quantiles.TopQuantile keeps only the tail).
+2. On each image u's activation map is upsampled (bilinear) to the segmentation size and binarised: M_u = map > T_u.
+3. For each concept c, IoU(u, c) = sum_images |M_u & L_c| / sum_images |M_u | L_c|. Image-level labels (scene,
+   texture) cover the whole image. M_u counts towards the union of c only on images annotated in c's category (an
+   image without part annotations says nothing about parts), so the union is
+   |M_u| summed over those images + |L_c| - |M_u & L_c|. This is the published method's rule; NetDissect-Lite's
+   code instead counts M_u for a category only where the active pixels touch some label of it, which leaves scene
+   and texture unions without the active area.
+
+Concept images enter the network at its input size: each image is resized to the crop size (a no-op for
+broden1_224 with 224-pixel models and for SynthScenes with the demo) and normalised with the model's mean and std,
+but not centre-cropped, so the segmentation masks keep covering the whole image, as in NetDissect.
+
+The tally is exact integer pixel counting: per batch, the binarised maps [B, units, pixels] times each image's
+concept coverage [pixels, concepts present] (one matrix product), accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from compute.data.broden import BrodenDataset, ImageLabels, fingerprint
+from compute.errors import StageSkipped, UserError
+from compute.quantiles import TopQuantile
+from compute.sequence import run_to
+from store.writer import write_array
+
+STAGE = "dissection"
+
+
+@dataclass(frozen=True)
+class ConceptTable:
+    """The concepts in store order (sorted by Broden label number) and the categories they belong to."""
+
+    names: list[str]
+    numbers: np.ndarray  # int64 [C] Broden label numbers
+    categories: list[str]  # [C] each concept's (dominant) category
+    category_names: list[str]  # [K] Broden's category order
+    category_index: np.ndarray  # int64 [C] index into category_names
+
+    @classmethod
+    def from_broden(cls, broden: BrodenDataset) -> "ConceptTable":
+        order = {name: k for k, name in enumerate(broden.categories)}
+        return cls(names=[c.name for c in broden.concepts],
+                   numbers=np.array([c.number for c in broden.concepts], np.int64),
+                   categories=[c.category for c in broden.concepts],
+                   category_names=list(broden.categories),
+                   category_index=np.array([order[c.category] for c in broden.concepts], np.int64))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def lookup(self, numbers: np.ndarray) -> np.ndarray:
+        """Concept index of each Broden label number, -1 where the number is not a known concept (or 0)."""
+        position = np.searchsorted(self.numbers, numbers)
+        position = np.minimum(position, len(self.numbers) - 1)
+        return np.where(self.numbers[position] == numbers, position, -1)
+
+
+@dataclass
+class EncodedLabels:
+    """One image's annotations as a dense coverage matrix over the concepts it contains.
+
+    coverage[p, j] is in how many of the image's label maps pixel p carries concept ``concepts[j]``; an image-level
+    label is a column of ones (it covers the whole image). ``present`` marks the categories the image is annotated in.
+    """
+
+    shape: tuple[int, int]
+    concepts: np.ndarray  # int64 [k]
+    coverage: np.ndarray  # float32 [sh * sw, k]
+    present: np.ndarray  # bool [categories]
+
+
+def encode_labels(labels: ImageLabels, table: ConceptTable) -> EncodedLabels:
+    sh, sw = labels.shape
+    pixels = sh * sw
+    maps = [m if m.shape == (sh, sw) else cv2.resize(m, (sw, sh), interpolation=cv2.INTER_NEAREST)
+            for m in labels.pixel]
+    columns, concepts = [], []
+    if maps:
+        stacked = np.stack(maps).reshape(len(maps), pixels)
+        numbers = np.flatnonzero(np.bincount(stacked.ravel()))  # label numbers are small: no sort needed
+        slot = np.zeros(numbers[-1] + 1, np.int64)
+        slot[numbers] = np.arange(len(numbers))
+        flat = (slot[stacked] + len(numbers) * np.arange(pixels)[None, :]).ravel()
+        counts = np.bincount(flat, minlength=pixels * len(numbers)).reshape(pixels, len(numbers))
+        index = table.lookup(numbers)
+        keep = index >= 0
+        columns.append(counts[:, keep].astype(np.float32))
+        concepts.append(index[keep])
+    scalars = table.lookup(np.unique(np.asarray(labels.image_level, np.int64)))
+    scalars = scalars[scalars >= 0]
+    columns.append(np.ones((pixels, len(scalars)), np.float32))
+    concepts.append(scalars)
+    present = np.array([name in labels.categories_present for name in table.category_names], bool)
+    return EncodedLabels((sh, sw), np.concatenate(concepts).astype(np.int64), np.concatenate(columns, axis=1), present)
+
+
+class ConceptImages(torch.utils.data.Dataset):
+    """Broden images as uint8 [3, size, size] (resized, not cropped), with encoded labels when a table is given."""
+
+    def __init__(self, broden: BrodenDataset, size: int, table: ConceptTable | None = None):
+        self.broden, self.size, self.table = broden, size, table
+
+    def __len__(self) -> int:
+        return len(self.broden)
+
+    def __getitem__(self, i: int):
+        rgb = self.broden.image(i)
+        if rgb.shape[:2] != (self.size, self.size):
+            shrink = min(rgb.shape[:2]) > self.size
+            rgb = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        return image, (encode_labels(self.broden.labels(i), self.table) if self.table is not None else None)
+
+
+def _collate(items):
+    return torch.stack([image for image, _ in items]), [labels for _, labels in items]
+
+
+def normalise(images_u8: torch.Tensor, preprocess, device) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> the model's normalised float input (as compute.imagecache does for validation images)."""
+    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+    return (images_u8.to(device).float() / 255.0 - mean) / std
+
+
+@dataclass
+class ConceptSource:
+    """Where concept images come from and how they enter the network."""
+
+    broden: BrodenDataset
+    preprocess: object  # compute.models.registry.Preprocess
+    device: torch.device
+    batch_size: int = 64
+    workers: int = 0
+
+    def maps(self, sequence, step: str, table: ConceptTable | None, desc: str):
+        """Yield (activation maps [B, units, h, w] float, encoded labels or Nones) over the whole concept set."""
+        data = ConceptImages(self.broden, self.preprocess.crop, table)
+        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.workers,
+                                             collate_fn=_collate)
+        with tqdm(total=len(data), desc=desc, unit="img", leave=False) as bar:
+            for images, labels in loader:
+                acts = run_to(sequence, normalise(images, self.preprocess, self.device), [step])[step]
+                bar.update(len(images))
+                yield acts.float(), labels
+
+
+def concept_thresholds(sequence, step: str, source: ConceptSource, quantile: float) -> np.ndarray:
+    """T_u per unit: numpy.quantile over all positions of all concept images at 1 - quantile (exact, see quantiles)."""
+    sketch = None
+    for acts, _ in source.maps(sequence, step, None, desc=f"thresholds {step}"):
+        b, units, h, w = acts.shape
+        if sketch is None:
+            sketch = TopQuantile(units, len(source.broden) * h * w, quantile, acts.device)
+        sketch.update(acts.transpose(0, 1).reshape(units, b * h * w))
+    return sketch.result()
+
+
+class IoUTally:
+    """Running sums over images: |M_u & L_c|, |L_c|, and |M_u| on images annotated in each category."""
+
+    def __init__(self, units: int, table: ConceptTable, device=None):
+        self.table = table
+        self.intersection = torch.zeros(units, len(table), dtype=torch.float64, device=device)
+        self.label_area = np.zeros(len(table), np.float64)
+        self.active_area = torch.zeros(units, len(table.category_names), dtype=torch.float64, device=device)
+        self.images = 0
+
+    def update(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: list[EncodedLabels]) -> None:
+        """Tally a batch of maps ``acts`` [B, units, h, w] whose images share one segmentation size.
+
+        Only (image, unit) pairs whose map exceeds the threshold somewhere are upsampled: a bilinear upsampling never
+        exceeds its input's maximum, so the others have no active pixel, and at the top 0.5% they are most pairs.
+        """
+        device = acts.device
+        shape = labels[0].shape
+        hit = acts.amax((2, 3)) > thresholds[None, :]
+        image, unit = hit.nonzero(as_tuple=True)  # sorted by image
+        upsampled = F.interpolate(acts[image, unit][:, None], size=shape, mode="bilinear", align_corners=False)
+        active = (upsampled[:, 0] > thresholds[unit][:, None, None]).flatten(1).float()  # [pairs, pixels]
+        present = torch.from_numpy(np.stack([item.present for item in labels])).to(device, torch.float64)
+        self.active_area.index_put_((unit,), active.sum(1).double()[:, None] * present[image], accumulate=True)
+        for item, rows, units in zip(labels, active.split(hit.sum(1).tolist()), unit.split(hit.sum(1).tolist())):
+            self.label_area += np.bincount(item.concepts, weights=item.coverage.sum(0), minlength=len(self.table))
+            if len(units) and len(item.concepts):
+                overlap = rows @ torch.from_numpy(item.coverage).to(device)  # exact pixel counts (< 2^24)
+                concepts = torch.from_numpy(item.concepts).to(device)
+                self.intersection.index_put_((units[:, None], concepts[None, :]), overlap.double(), accumulate=True)
+        self.images += len(labels)
+
+    def iou(self) -> np.ndarray:
+        """IoU [units, concepts] (0 where the union is empty)."""
+        intersection = self.intersection.cpu().numpy()
+        active = self.active_area.cpu().numpy()[:, self.table.category_index]
+        union = active + self.label_area[None, :] - intersection
+        return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def _groups_by_shape(labels: list[EncodedLabels]) -> dict[tuple[int, int], list[int]]:
+    groups = defaultdict(list)
+    for i, item in enumerate(labels):
+        groups[item.shape].append(i)
+    return groups
+
+
+def tally_iou(sequence, step: str, source: ConceptSource, table: ConceptTable, thresholds: np.ndarray) -> IoUTally:
+    """Binarise each upsampled map at its unit's threshold and count overlaps with every concept."""
+    tally = None
+    for acts, labels in source.maps(sequence, step, table, desc=f"IoU {step}"):
+        if tally is None:
+            tally = IoUTally(acts.shape[1], table, acts.device)
+            limits = torch.as_tensor(thresholds, dtype=torch.float32, device=acts.device)
+        for members in _groups_by_shape(labels).values():
+            tally.update(acts[members], limits, [labels[i] for i in members])
+    return tally
+
+
+@dataclass
+class Dissection:
+    thresholds: np.ndarray  # float64 [units]
+    iou: np.ndarray  # float64 [units, concepts]
+    table: ConceptTable
+    images: int
+
+
+def dissect(sequence, step: str, source: ConceptSource, quantile: float = 0.005) -> Dissection:
+    """Both passes over the concept set: thresholds first, then the IoU tally at those thresholds."""
+    table = ConceptTable.from_broden(source.broden)
+    thresholds = concept_thresholds(sequence, step, source, quantile)
+    tally = tally_iou(sequence, step, source, table, thresholds)
+    return Dissection(thresholds, tally.iou(), table, tally.images)
+
+
+def best_concepts(iou: np.ndarray, category_index: np.ndarray, categories: int) -> dict[str, np.ndarray]:
+    """The best concept of each unit overall and within each category (index -1, IoU 0 for an empty category)."""
+    rows = np.arange(iou.shape[0])
+    best = iou.argmax(1)
+    by_category = np.full((iou.shape[0], categories), -1, np.int64)
+    by_category_iou = np.zeros((iou.shape[0], categories), np.float32)
+    for k in range(categories):
+        columns = np.flatnonzero(category_index == k)
+        if columns.size:
+            chosen = columns[iou[:, columns].argmax(1)]
+            by_category[:, k] = chosen
+            by_category_iou[:, k] = iou[rows, chosen]
+    return {"best_concept": best.astype(np.int64), "best_iou": iou[rows, best].astype(np.float32),
+            "best_by_category": by_category, "best_by_category_iou": by_category_iou}
+
+
+def write_concepts(h5, table: ConceptTable) -> None:
+    """/concepts, identical from every layer's stage (the store merge keeps one copy)."""
+    write_array(h5, "concepts/names", np.array(table.names, dtype=object))
+    write_array(h5, "concepts/categories", np.array(table.categories, dtype=object))
+    write_array(h5, "concepts/numbers", table.numbers)
+    write_array(h5, "concepts/category_names", np.array(table.category_names, dtype=object))
+
+
+def run_stage(ctx, layer: str) -> None:
+    from compute.imagecache import default_workers
+
+    root = ctx.extra.get("concepts")
+    if root is None:
+        raise StageSkipped("no concept data set: pass --concepts PATH (an unzipped broden1_224)")
+    args = ctx.extra["args"]
+    if not 0.0 < args.quantile < 1.0:
+        raise UserError(f"--quantile {args.quantile} is not a fraction: use e.g. 0.005 (the top 0.5%)")
+    source = ConceptSource(BrodenDataset(root), ctx.spec.preprocess, ctx.device, ctx.batch_size,
+                           workers=default_workers() if ctx.device.type == "cuda" else 0)
+    result = dissect(ctx.sequence, ctx.step(layer), source, args.quantile)
+    best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
+    with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
+        write_concepts(h5, result.table)
+        group = f"layers/{layer}/{STAGE}"
+        write_array(h5, f"{group}/iou", result.iou.astype(np.float32), description="[units, concepts]")
+        write_array(h5, f"{group}/thresholds", result.thresholds.astype(np.float32),
+                    description=f"top {args.quantile} quantile of each unit over the concept images")
+        for name, value in best.items():
+            write_array(h5, f"{group}/{name}", value)
+        h5[group].attrs.update({"iou_threshold": float(args.iou_threshold), "quantile": float(args.quantile),
+                                "concept_images": result.images, "concepts_path": str(root),
+                                "concepts_fingerprint": fingerprint(root)})

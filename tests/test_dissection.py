@@ -1,0 +1,217 @@
+"""Network Dissection: IoU equals hand counts and a direct transcription of the definition, a hand-built red detector
+is found to detect red, thresholds equal numpy's quantile, and the tiny run's store holds consistent results."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compute.data.broden import BrodenDataset, ImageLabels
+from compute.dissection import (ConceptSource, ConceptTable, IoUTally, best_concepts, dissect, encode_labels,
+                                normalise)
+from compute.models.registry import Preprocess
+from compute.quantiles import TopQuantile
+from compute.sequence import run_to
+from store import StoreReader
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAIN = Preprocess(resize=64, crop=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def hand_table() -> ConceptTable:
+    return ConceptTable(names=["red", "blue", "car", "street"], numbers=np.array([1, 2, 3, 4]),
+                        categories=["color", "color", "object", "scene"], category_names=["color", "object", "scene"],
+                        category_index=np.array([0, 0, 1, 2]))
+
+
+def test_iou_equals_hand_counts():
+    """Two 2x3 images; image B has no object or scene annotation, so its active pixels do not enter car's union."""
+    table = hand_table()
+    image_a = ImageLabels([np.array([[1, 1, 2], [2, 2, 0]]), np.array([[3, 0, 0], [3, 3, 0]])], [4],
+                          {"color", "object", "scene"}, (2, 3))
+    image_b = ImageLabels([np.array([[2, 2, 2], [1, 0, 0]])], [], {"color"}, (2, 3))
+    # unit 0 active at A: (0,0) (0,2) (1,1); at B: (1,0) (1,1). Unit 1 never passes its threshold.
+    acts = torch.tensor([[[[1.0, 0, 1], [0, 1, 0]], [[0.2, 0, 0], [0, 0, 0]]],
+                         [[[0.0, 0, 0], [1, 1, 0]], [[0.0, 0, 0], [0, 0, 0.3]]]])
+    tally = IoUTally(2, table)
+    tally.update(acts, torch.tensor([0.5, 0.5]), [encode_labels(image_a, table), encode_labels(image_b, table)])
+    iou = tally.iou()
+    # red: inter 1 + 1, area 2 + 1, active on colour images 3 + 2 -> 2 / (5 + 3 - 2)
+    # blue: inter 2 + 0, area 3 + 3 -> 2 / (5 + 6 - 2); car: inter 2, area 3, active on object images 3 -> 2 / 4
+    # street (image-level, covers A's 6 pixels): inter 3, area 6, active 3 -> 3 / 6
+    assert iou[0] == pytest.approx([2 / 6, 2 / 9, 2 / 4, 3 / 6])
+    assert iou[1].tolist() == [0, 0, 0, 0]
+    assert tally.label_area.tolist() == [3, 6, 3, 6]
+    best = best_concepts(iou, table.category_index, 3)
+    assert best["best_concept"][0] == 2 and best["best_iou"][0] == pytest.approx(0.5)
+    assert best["best_by_category"][0].tolist() == [0, 2, 3]
+    assert best["best_by_category_iou"][0] == pytest.approx([1 / 3, 0.5, 0.5])
+
+
+def test_a_batch_without_active_units_adds_only_label_area():
+    table = hand_table()
+    image = ImageLabels([np.array([[2, 2, 2], [1, 0, 0]])], [4], {"color", "scene"}, (2, 3))
+    tally = IoUTally(2, table)
+    tally.update(torch.zeros(1, 2, 2, 3), torch.tensor([0.5, 0.5]), [encode_labels(image, table)])
+    assert tally.label_area.tolist() == [1, 3, 0, 6] and tally.images == 1
+    assert not tally.intersection.any() and not tally.active_area.any()
+
+
+def test_encoded_labels_count_every_map_and_skip_unknown_numbers():
+    table = hand_table()
+    labels = ImageLabels([np.array([[1, 99], [0, 3]]), np.array([[3, 3], [0, 0]])], [4, 77], {"color", "object"},
+                         (2, 2))
+    encoded = encode_labels(labels, table)
+    dense = {int(c): encoded.coverage[:, j].tolist() for j, c in enumerate(encoded.concepts)}
+    assert dense == {0: [1, 0, 0, 0], 2: [1, 1, 0, 1], 3: [1, 1, 1, 1]}  # label 99 and image label 77 unknown
+    assert encoded.present.tolist() == [True, True, False]
+
+
+def reference_iou(sequence, step, broden: BrodenDataset, table: ConceptTable, thresholds) -> np.ndarray:
+    """The definition written out image by image, unit by unit, concept by concept (cv2's bilinear resize)."""
+    units = len(thresholds)
+    inter = np.zeros((units, len(table)))
+    area = np.zeros(len(table))
+    active_in = np.zeros((units, len(table.category_names)))
+    for i in range(len(broden)):
+        image = torch.from_numpy(broden.image(i).transpose(2, 0, 1).copy())[None]
+        maps = run_to(sequence, normalise(image, PLAIN, "cpu"), [step])[step][0].numpy()
+        labels = broden.labels(i)
+        sh, sw = labels.shape
+        concept_masks = np.zeros((len(table), sh, sw))
+        for label_map in labels.pixel:
+            for c, number in enumerate(table.numbers):
+                concept_masks[c] += label_map == number
+        for number in labels.image_level:
+            concept_masks[list(table.numbers).index(number)] += 1
+        area += concept_masks.sum((1, 2))
+        for u in range(units):
+            active = cv2.resize(maps[u], (sw, sh), interpolation=cv2.INTER_LINEAR) > thresholds[u]
+            inter[u] += (concept_masks * active).sum((1, 2))
+            for k, category in enumerate(table.category_names):
+                if category in labels.categories_present:
+                    active_in[u, k] += active.sum()
+    union = active_in[:, table.category_index] + area - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def colour_sequence() -> nn.Sequential:
+    """Unit 0 = ReLU(R - G - B), unit 1 = ReLU(G - R - B) on [0, 1] pixels: a red and a green detector."""
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -1, -1], [-1, 1, -1]])[:, :, None, None])
+        conv.bias.zero_()
+    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU(), pool=nn.MaxPool2d(4))).eval()
+
+
+@pytest.fixture(scope="module")
+def val_concepts(tiny_run) -> BrodenDataset:
+    return BrodenDataset(tiny_run["dataset"], split="val")
+
+
+def test_hand_built_colour_units_detect_their_colours(val_concepts):
+    """Pooled to 16x16 so the upsampling matters; the tally agrees with the written-out definition."""
+    sequence = colour_sequence()
+    source = ConceptSource(val_concepts, PLAIN, torch.device("cpu"), batch_size=32)
+    result = dissect(sequence, "pool", source, quantile=0.005)
+    names = result.table.names
+    best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
+    assert names[best["best_concept"][0]] == "red-c" and best["best_iou"][0] > 0.1
+    # the most saturated greens are paintings' paper, so green-c is only unit 1's best colour
+    colour = result.table.category_names.index("color")
+    assert names[best["best_by_category"][1, colour]] == "green-c"
+    expected = reference_iou(sequence, "pool", val_concepts, result.table, result.thresholds)
+    assert np.abs(result.iou - expected).max() < 1e-6  # equal here; a tolerance for bilinear rounding at T_u
+
+
+@pytest.mark.parametrize("total, batch", [(1, 1), (37, 5), (5000, 333)])
+@pytest.mark.parametrize("quantile", [0.005, 0.2])
+def test_top_quantile_equals_numpy(total, batch, quantile):
+    rng = np.random.default_rng(total)
+    values = np.maximum(rng.normal(size=(4, total)), 0).astype(np.float32)  # ReLU-like: many ties at zero
+    values[3] = 1.0  # a constant unit
+    sketch = TopQuantile(4, total, quantile)
+    for start in range(0, total, batch):
+        sketch.update(torch.from_numpy(values[:, start:start + batch]))
+    expected = np.quantile(values.astype(np.float64), 1 - quantile, axis=1)
+    assert sketch.result() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert sketch.keep <= quantile * total + 2
+
+
+def test_top_quantile_refuses_a_short_stream():
+    sketch = TopQuantile(2, 10, 0.1)
+    sketch.update(torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="expected 10"):
+        sketch.result()
+
+
+def test_store_thresholds_equal_numpy_quantile(tiny_run):
+    """The tiny run's conv5 thresholds against numpy.quantile over every position of every concept image."""
+    from compute.models import get_spec
+
+    store = StoreReader(tiny_run["store"])
+    spec = get_spec("demo")
+    model, _ = spec.load(None, tiny_run["data_dir"])
+    broden = BrodenDataset(tiny_run["dataset"])
+    images = torch.stack([torch.from_numpy(broden.image(i).transpose(2, 0, 1).copy()) for i in range(len(broden))])
+    maps = run_to(spec.to_sequence(model), normalise(images, spec.preprocess, "cpu"), ["relu5"])["relu5"]
+    everything = maps.transpose(0, 1).reshape(maps.shape[1], -1).double().numpy()
+    expected = np.quantile(everything, 1 - store.read_attrs("layers/conv5/dissection")["quantile"], axis=1)
+    assert store.layer("conv5", "dissection", "thresholds") == pytest.approx(expected, rel=1e-5)
+
+
+def test_store_holds_consistent_dissection(tiny_run):
+    store = StoreReader(tiny_run["store"])
+    names = store.read("concepts/names")
+    categories = store.read("concepts/categories")
+    category_names = list(store.read("concepts/category_names"))
+    assert len(names) == len(categories) == len(store.read("concepts/numbers")) == 105
+    assert "red-c" in names and set(categories) <= set(category_names)
+    for layer in ("conv3", "conv4", "conv5"):
+        units = store.layer(layer, "attributes", "l1").shape[0]
+        iou = store.layer(layer, "dissection", "iou")
+        assert iou.shape == (units, len(names)) and iou.dtype == np.float32
+        assert 0 <= iou.min() and iou.max() <= 1
+        best = store.layer(layer, "dissection", "best_concept")
+        assert np.array_equal(store.layer(layer, "dissection", "best_iou"), iou.max(1))
+        assert np.array_equal(iou[np.arange(units), best], iou.max(1))
+        by_category = store.layer(layer, "dissection", "best_by_category")
+        assert by_category.shape == (units, len(category_names))
+        assert all(categories[c] == category_names[k] for c, k in zip(by_category[0], range(len(category_names))))
+        assert store.layer(layer, "dissection", "thresholds").shape == (units,)
+        assert store.read_attrs(f"layers/{layer}/dissection")["iou_threshold"] == pytest.approx(0.04)
+
+
+def test_missing_concepts_skip_the_stage_naming_the_option():
+    from types import SimpleNamespace
+
+    from compute.dissection import run_stage
+    from compute.errors import StageSkipped
+
+    with pytest.raises(StageSkipped, match="--concepts PATH"):
+        run_stage(SimpleNamespace(extra={"concepts": None}), "conv5")
+
+
+def test_dissection_page_counts_detectors(store_env):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app" / "pages" / "dissection.py"), default_timeout=60)
+    at.session_state["store_path"] = str(store_env["store"])
+    at.run()
+    assert not at.exception, at.exception
+    best_iou = StoreReader(store_env["store"]).layer("conv5", "dissection", "best_iou")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Units"] == "128" and metrics["Detectors"] == str(int((best_iou > 0.04).sum()))
+    assert at.get("arrow_vega_lite_chart") or at.get("vega_lite_chart")
+    at.slider(key="dissection_threshold").set_value(0.0).run()  # every unit with any overlap is a detector
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert table["units"].sum() == int((best_iou > 0).sum())
+    assert {"concept", "category", "units", "unit list"} <= set(table.columns)
+    assert at.selectbox(key="dissection_unit").options
