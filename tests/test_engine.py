@@ -23,7 +23,7 @@ def lively(model):
 def demo_case():
     torch.manual_seed(0)
     model = lively(build_demo())
-    images = torch.randn(32, 3, 64, 64)
+    images = torch.randn(16, 3, 64, 64)
     with torch.no_grad():
         labels = model(images).argmax(1)
     return model, images, labels
@@ -41,32 +41,66 @@ def naive_zero_weights(model, conv_name, unit, images):
         conv.weight.data[unit], conv.bias.data[unit] = saved
 
 
+@pytest.fixture(scope="module")
+def demo_naive(demo_case):
+    """Per layer, the naive predictions for every unit (computed once for both engine settings)."""
+    model, images, _ = demo_case
+    cache = {}
+
+    def naive(layer):
+        if layer not in cache:
+            units = getattr(model, layer).out_channels
+            cache[layer] = torch.stack([naive_zero_weights(model, layer, u, images) for u in range(units)])
+        return cache[layer]
+    return naive
+
+
 @pytest.mark.parametrize("layer", ["conv3", "conv5"])
 @pytest.mark.parametrize("shortcuts", [True, False])
-def test_single_unit_equals_zeroed_weights(demo_case, layer, shortcuts):
+def test_single_unit_equals_zeroed_weights(demo_case, demo_naive, layer, shortcuts):
     model, images, labels = demo_case
     step = "relu" + layer[-1]
     acts = run_to(model, images, [step])[step]
     engine = AblationEngine(tail_of(model, step), use_shortcuts=shortcuts)
     assert engine.has_shortcut == (shortcuts and layer == "conv5")
+    assert (engine.entry is not None) == shortcuts  # conv3 -> conv4 is a convolution entry
     outcome = engine.evaluate_units(acts, labels, single_unit_masks(acts.shape[1]))
-    changed = 0
+    expected = demo_naive(layer)
     for unit in range(acts.shape[1]):
-        expected = naive_zero_weights(model, layer, unit, images)
-        assert torch.equal(outcome.pred[unit], expected), f"unit {unit}"
-        changed += int((expected != labels).sum())
-    assert changed > 0  # the case is not trivial: some ablations flip predictions
+        assert torch.equal(outcome.pred[unit], expected[unit]), f"unit {unit}"
+    assert (expected != labels).any()  # the case is not trivial: some ablations flip predictions
 
 
-def test_unit_sets_equal_zeroed_output(demo_case):
+@pytest.mark.parametrize("layer, max_memory", [("relu3", 4_000_000), ("relu5", 100_000)])
+def test_chunking_leaves_outcomes_unchanged(demo_case, layer, max_memory):
+    """Chunks of a few dozen rows (splitting units' images over chunks) give the outcome of one big chunk."""
     model, images, labels = demo_case
-    acts = run_to(model, images, ["relu5"])["relu5"]
+    acts = run_to(model, images, [layer])[layer]
+    masks = single_unit_masks(acts.shape[1])[::3]
+    whole = AblationEngine(tail_of(model, layer)).evaluate_units(acts, labels, masks)
+    small = AblationEngine(tail_of(model, layer), max_memory=max_memory)
+    sizes = []
+    decide = small._decide
+    small._decide = lambda logits, *rest: sizes.append(len(logits)) or decide(logits, *rest)
+    chunked = small.evaluate_units(acts, labels, masks)
+    assert len(sizes) > 4 and max(sizes) < 200
+    assert torch.equal(chunked.pred, whole.pred)
+    assert torch.allclose(chunked.true_prob, whole.true_prob, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["relu3", "relu5"])
+def test_unit_sets_equal_zeroed_output(demo_case, layer):
+    model, images, labels = demo_case
+    acts = run_to(model, images, [layer])[layer]
     generator = torch.Generator().manual_seed(1)
     masks = torch.rand(12, acts.shape[1], generator=generator) < 0.2
-    outcome = AblationEngine(tail_of(model, "relu5"), max_memory=4096).evaluate_units(acts, labels, masks)
+    masks[0] = False  # nothing ablated: the baseline
+    masks[1] = False
+    masks[1, 5] = True  # one unit among sets
+    outcome = AblationEngine(tail_of(model, layer), max_memory=4096).evaluate_units(acts, labels, masks)
     for s in range(len(masks)):
         edited = acts * (~masks[s]).float()[None, :, None, None]
-        expected = tail_of(model, "relu5")(edited)
+        expected = tail_of(model, layer)(edited)
         assert torch.equal(outcome.pred[s], expected.argmax(1))
         assert torch.allclose(outcome.true_prob[s], torch.softmax(expected, 1)[torch.arange(len(labels)), labels],
                               atol=1e-5)
@@ -130,6 +164,31 @@ def test_rotation_round_trip_keeps_predictions(demo_case):
     back = torch.einsum("cd,bdhw->bchw", q, z)
     tail = tail_of(model, "relu5")
     assert torch.equal(tail(back).argmax(1), tail(acts).argmax(1))
+
+
+@pytest.mark.parametrize("max_memory", [1 << 30, 50_000])
+@pytest.mark.parametrize("layer", ["relu3", "relu5"])
+def test_exact_ties_go_to_the_lowest_class(layer, max_memory):
+    """Two classes with identical weights tie exactly on every image: the lower index wins, as in torch.argmax.
+
+    Every row is a near-tie, so this also runs the float64 path for single units and for sets, in small pieces."""
+    torch.manual_seed(5)
+    model = lively(build_demo(num_classes=3))
+    with torch.no_grad():
+        model.fc8.weight[1] = model.fc8.weight[2]
+        model.fc8.bias[1] = model.fc8.bias[2] + 50.0  # classes 1 and 2 always on top, tied
+        model.fc8.bias[2] += 50.0
+    images = torch.randn(4, 3, 64, 64)
+    acts = run_to(model, images, [layer])[layer]
+    labels = torch.full((4,), 2)
+    engine = AblationEngine(tail_of(model, layer), max_memory=max_memory)
+    assert torch.equal(engine.baseline(acts, labels).pred, torch.ones(4, dtype=torch.long))
+    singles = single_unit_masks(acts.shape[1])[::8]
+    sets = singles | singles.roll(1, dims=1)
+    for masks in (singles, sets):
+        outcome = engine.evaluate_units(acts, labels, masks)
+        assert (outcome.pred == 1).all()
+        assert torch.allclose(outcome.true_prob, torch.full_like(outcome.true_prob, 0.5), atol=1e-6)
 
 
 def test_near_ties_are_decided_in_float64():
