@@ -257,6 +257,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--greedy-steps", type=int, default=20, help="greedy ablation: units per class (0 = skip)")
     group.add_argument("--greedy-classes", nargs="*", default=None,
                        help="greedy ablation: class names or indices (default: all classes)")
+    group.add_argument("--greedy-layers", nargs="*", default=None,
+                       help="greedy ablation: layers (default: the deepest chosen layer)")
     group.add_argument("--random-orders", type=int, default=10, help="greedy ablation: random-order seeds")
     group.add_argument("--rotations", type=int, default=1, help="random rotations (seeds) per layer (0 = skip)")
 

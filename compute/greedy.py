@@ -1,0 +1,280 @@
+"""Greedy unit ablation (the paper's Fig. 4), its random-order baseline, and an honest held-out score.
+
+**Greedy for a class c** (or a group of classes): starting from nothing, repeatedly add the unit whose ablation,
+together with the units already chosen, lowers the objective most, for S steps. The objective is the class accuracy
+of c; for a group it is the mean of the group's class accuracies. Class accuracy moves in coarse steps (1/50 on the
+demo), so many candidates tie: ties are broken by the lowest mean predicted probability of the true class
+(``Outcome.true_prob``, averaged per class, then over the group), and remaining ties by the lowest unit index. The
+choice is therefore deterministic.
+
+**Random-order baseline**: the same curve for the first S units of a random permutation of the layer's units; seed r
+of class k draws its permutation from ``numpy.random.default_rng((r, k))``, so every curve is reproducible alone.
+
+**Honest split**: a greedy order chosen on the same images it is scored on flatters itself (it fits those images'
+noise). The stage also chooses an order on the even positions of the class's validation images and scores it on the
+odd positions. The in-sample curve is the paper's number; the held-out curve is what the order does on fresh images.
+
+Why it is fast: ablating ``chosen + {u}`` from activations A is ablating ``{u}`` from A with the chosen units already
+zeroed. So each greedy step runs the engine's single-unit path on the edited activations, with the previous step's
+outcome as the baseline: rows where u is zero on an image keep that prediction without running anything. Replaying
+known orders (random baseline, held-out score, overall accuracy) is one engine call whose masks are the orders'
+prefixes: the engine's low-rank update handles many units at once in one large product, and rows whose ablated
+units are all zero on the image are skipped.
+
+The functions below are plain (engine, activations, labels) in, numbers out: the pipeline stage ``greedy/<layer>``
+and the app's live greedy (compute/live_session.py) both use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from compute.engine import AblationEngine, Outcome
+from compute.errors import StageSkipped, UserError
+from store.writer import write_array
+
+TIE_BREAK = "lowest class accuracy, then lowest mean true-class probability, then lowest unit index"
+SPLIT = "order chosen on even positions of the class's images, scored on odd positions"
+
+
+# -- objective --------------------------------------------------------------------------------------------------
+def group_onehot(labels: torch.Tensor, group) -> torch.Tensor:
+    """[B, G] float64 indicator of each image's class among the group's classes (0 rows for other classes)."""
+    group = torch.as_tensor(list(group), dtype=torch.long, device=labels.device)
+    return (labels.view(-1, 1) == group.view(1, -1)).double()
+
+
+def score(outcome: Outcome, labels: torch.Tensor, onehot: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Objective and tie-breaker per ablation [S]: mean class accuracy and mean true-class probability of the group.
+
+    Correct counts are exact integers, so candidates with the same counts get bit-identical scores and tie.
+    """
+    counts = onehot.sum(0).clamp_min(1)
+    accuracy = ((outcome.pred == labels).double() @ onehot) / counts
+    probability = (outcome.true_prob.double() @ onehot) / counts
+    return accuracy.mean(1).cpu().numpy(), probability.mean(1).cpu().numpy()
+
+
+def pick(scores: np.ndarray, probs: np.ndarray, units: np.ndarray) -> int:
+    """Position of the best candidate: lowest score, then lowest probability, then lowest unit index.
+
+    Scores are rounded to 1e-12 so that equal group means reached through different per-class counts tie too.
+    """
+    return int(np.lexsort((units, probs, np.round(scores, 12)))[0])
+
+
+# -- greedy ------------------------------------------------------------------------------------------------------
+@dataclass
+class GreedyState:
+    """A greedy run in progress: advance it one unit at a time (the app keeps it between reruns)."""
+
+    acts: torch.Tensor  # [B, C, H, W], the chosen units zeroed
+    labels: torch.Tensor  # [B]
+    onehot: torch.Tensor  # [B, G]
+    base: Outcome  # predictions with the chosen units ablated
+    chosen: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # objective after 0, 1, ... units
+    probs: list[float] = field(default_factory=list)
+
+    @property
+    def units(self) -> int:
+        return int(self.acts.shape[1])
+
+
+def start(engine: AblationEngine, acts: torch.Tensor, labels: torch.Tensor, group) -> GreedyState:
+    """A greedy run over these images (those of the group's classes) with nothing ablated yet."""
+    acts = acts.to(engine.device).clone()
+    labels = labels.to(engine.device)
+    base = engine.baseline(acts, labels)
+    onehot = group_onehot(labels, group)
+    first, prob = score(Outcome(base.pred[None], base.true_prob[None]), labels, onehot)
+    return GreedyState(acts, labels, onehot, base, [], [float(first[0])], [float(prob[0])])
+
+
+@torch.no_grad()
+def advance(engine: AblationEngine, state: GreedyState) -> int:
+    """Add the next greedy unit to ``state`` and return it."""
+    taken = np.zeros(state.units, bool)
+    taken[state.chosen] = True
+    candidates = np.flatnonzero(~taken)
+    if not len(candidates):
+        raise ValueError("every unit of the layer is already ablated")
+    masks = torch.zeros(len(candidates), state.units, dtype=torch.bool, device=state.acts.device)
+    masks[torch.arange(len(candidates)), torch.as_tensor(candidates)] = True
+    outcome = engine.evaluate_units(state.acts, state.labels, masks, state.base)
+    scores, probs = score(outcome, state.labels, state.onehot)
+    best = pick(scores, probs, candidates)
+    unit = int(candidates[best])
+    state.acts[:, unit] = 0
+    state.base = Outcome(outcome.pred[best], outcome.true_prob[best])
+    state.chosen.append(unit)
+    state.scores.append(float(scores[best]))
+    state.probs.append(float(probs[best]))
+    return unit
+
+
+def greedy(engine: AblationEngine, acts: torch.Tensor, labels: torch.Tensor, group, steps: int) -> GreedyState:
+    """The whole greedy run: ``steps`` units, chosen on these images."""
+    state = start(engine, acts, labels, group)
+    for _ in range(steps):
+        advance(engine, state)
+    return state
+
+
+# -- replaying orders ---------------------------------------------------------------------------------------------
+def prefix_masks(orders: np.ndarray, units: int) -> torch.Tensor:
+    """[R, S+1, C] masks: row s of order r ablates that order's first s units (row 0 ablates nothing)."""
+    orders = torch.as_tensor(np.atleast_2d(np.asarray(orders, np.int64)))
+    masks = torch.zeros(orders.shape[0], orders.shape[1] + 1, units, dtype=torch.bool)
+    masks[:, 1:] = torch.nn.functional.one_hot(orders, units).cumsum(1) > 0
+    return masks
+
+
+@torch.no_grad()
+def ablation_paths(engine: AblationEngine, acts: torch.Tensor, labels: torch.Tensor, orders) -> torch.Tensor:
+    """Predictions [R, S+1, B] with the first 0, 1, ..., S units of each of the R orders ablated: one engine call."""
+    masks = prefix_masks(orders, acts.shape[1])
+    if not masks.shape[0]:
+        return torch.zeros(masks.shape[:2] + (len(labels),), dtype=torch.long)
+    outcome = engine.evaluate_units(acts, labels, masks.flatten(0, 1))
+    return outcome.pred.reshape(masks.shape[0], masks.shape[1], -1)
+
+
+def correct_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Correct predictions per class, [..., B] -> [..., K] (float64 integers, to sum over batches)."""
+    labels = labels.to(pred.device)
+    onehot = torch.nn.functional.one_hot(labels, num_classes).double()
+    return ((pred == labels).double() @ onehot).cpu().numpy()
+
+
+def random_orders(units: int, steps: int, seeds: int, class_index: int) -> np.ndarray:
+    """[R, S] unit orders of the random baseline; seed r of class k uses default_rng((r, k))."""
+    rows = [np.random.default_rng((r, int(class_index))).permutation(units)[:steps] for r in range(seeds)]
+    return np.array(rows, np.int64).reshape(seeds, steps)
+
+
+def class_accuracy_paths(engine, acts, labels, orders, class_index: int, num_classes: int) -> np.ndarray:
+    """Accuracy of one class after each step of each order, on these images: [R, S+1]."""
+    counts = correct_counts(ablation_paths(engine, acts, labels, orders), labels, num_classes)[..., class_index]
+    return counts / max(1, int((labels == class_index).sum()))
+
+
+# -- choosing classes --------------------------------------------------------------------------------------------
+def resolve_classes(requested, class_names: list[str]) -> np.ndarray:
+    """Class indices from names or index strings (None or empty: all classes), in ascending order."""
+    if not requested:
+        return np.arange(len(class_names))
+    lookup = {name: i for i, name in enumerate(class_names)}
+    chosen = set()
+    for item in requested:
+        text = str(item).strip()
+        if text in lookup:
+            chosen.add(lookup[text])
+        elif text.isdigit() and int(text) < len(class_names):
+            chosen.add(int(text))
+        else:
+            raise UserError(f"unknown class '{text}' in --greedy-classes: use class names (e.g. {class_names[0]}) "
+                            f"or indices 0..{len(class_names) - 1}")
+    return np.array(sorted(chosen), np.int64)
+
+
+# -- the pipeline stage ------------------------------------------------------------------------------------------
+def _gather(ctx, layer: str, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's activations and labels of some images, in one tensor (a class's images fit in memory)."""
+    acts, labels = [], []
+    for batch, batch_labels, _ in ctx.activations([layer], indices=indices):
+        acts.append(batch[layer])
+        labels.append(batch_labels)
+    return torch.cat(acts), torch.cat(labels)
+
+
+def _settings(ctx, layer: str) -> tuple[int, int, np.ndarray]:
+    args = ctx.extra["args"]
+    if args.greedy_steps <= 0:
+        raise StageSkipped("--greedy-steps is 0")
+    # Greedy runs the tail ~1.5 x S x units x images times per class: cheap where the engine has its
+    # pool-then-linear shortcut (the deepest conv layer), ~30x the whole single-unit sweep for the demo's conv3
+    # (full conv tails). Like the live data, it defaults to the deepest chosen layer; --greedy-layers picks others.
+    wanted = getattr(args, "greedy_layers", None) or ctx.layers[-1:]
+    if layer not in wanted:
+        raise StageSkipped(f"greedy runs on {', '.join(wanted)} (choose layers with --greedy-layers)")
+    if args.random_orders < 0:
+        raise UserError(f"--random-orders must be 0 or more, not {args.random_orders}")
+    classes = resolve_classes(args.greedy_classes, ctx.class_names)
+    counts = np.bincount(ctx.labels, minlength=ctx.num_classes)[classes]
+    if counts.min() < 2:
+        short = ctx.class_names[int(classes[np.argmin(counts)])]
+        raise StageSkipped(f"class {short} has {counts.min()} validation images; greedy needs 2 (one per half)")
+    return min(args.greedy_steps, ctx.units(layer)), args.random_orders, classes
+
+
+def class_curves(engine, acts, labels, class_index: int, steps: int, seeds: int, num_classes: int) -> dict:
+    """Everything the stage stores for one class, from that class's images alone."""
+    in_sample = greedy(engine, acts, labels, [class_index], steps)
+    select, held = slice(0, None, 2), slice(1, None, 2)
+    split = greedy(engine, acts[select], labels[select], [class_index], steps)
+    orders = random_orders(acts.shape[1], steps, seeds, class_index)
+    random = class_accuracy_paths(engine, acts, labels, orders, class_index, num_classes)
+    held_acc = class_accuracy_paths(engine, acts[held], labels[held], [split.chosen], class_index, num_classes)[0]
+    return {
+        "order": in_sample.chosen, "class_acc": in_sample.scores,
+        "heldout_order": split.chosen, "heldout_select_acc": split.scores, "heldout_acc": held_acc,
+        "random_class_acc": random,
+    }
+
+
+def _large_batches(ctx, layer: str, desc: str):
+    """The layer's activations of all images in batches of up to ctx.max_memory / 8 bytes (fewer engine calls)."""
+    acts, labels, size = [], [], 0
+    for batch, batch_labels, _ in ctx.activations([layer], desc=desc):
+        acts.append(batch[layer])
+        labels.append(batch_labels)
+        size += batch[layer].numel() * batch[layer].element_size()
+        if size >= ctx.max_memory // 8:
+            yield torch.cat(acts), torch.cat(labels)
+            acts, labels, size = [], [], 0
+    if acts:
+        yield torch.cat(acts), torch.cat(labels)
+
+
+def overall_counts(ctx, layer: str, engine, orders: np.ndarray) -> np.ndarray:
+    """Correct counts per class along each class's greedy order, over all images: [K', S+1, K]."""
+    counts = np.zeros((len(orders), orders.shape[1] + 1, ctx.num_classes))
+    for acts, labels in _large_batches(ctx, layer, f"greedy {layer}: overall accuracy"):
+        counts += correct_counts(ablation_paths(engine, acts, labels, orders), labels, ctx.num_classes)
+    return counts
+
+
+def run_stage(ctx, layer: str) -> None:
+    from tqdm import tqdm
+
+    steps, seeds, classes = _settings(ctx, layer)
+    engine = ctx.engine(layer)
+    per_class = []
+    for class_index in tqdm(classes, desc=f"greedy {layer}", unit="class", leave=False):
+        acts, labels = _gather(ctx, layer, np.flatnonzero(ctx.labels == class_index))
+        per_class.append(class_curves(engine, acts, labels, int(class_index), steps, seeds, ctx.num_classes))
+    stacked = {name: np.stack([np.asarray(c[name]) for c in per_class]) for name in per_class[0]}
+    counts = overall_counts(ctx, layer, engine, stacked["order"])
+    images_per_class = np.maximum(np.bincount(ctx.labels, minlength=ctx.num_classes), 1)
+    with ctx.writer.stage(f"greedy/{layer}") as h5:
+        group = f"layers/{layer}/greedy"
+        write_array(h5, f"{group}/classes", classes)
+        for name in ("order", "heldout_order"):
+            write_array(h5, f"{group}/{name}", stacked[name].astype(np.int64))
+        for name in ("class_acc", "heldout_acc", "heldout_select_acc"):
+            write_array(h5, f"{group}/{name}", stacked[name].astype(np.float32))
+        write_array(h5, f"{group}/random_class_acc", stacked["random_class_acc"].transpose(1, 0, 2).astype(np.float32))
+        write_array(h5, f"{group}/overall_acc", (counts.sum(-1) / len(ctx.labels)).astype(np.float32))
+        write_array(h5, f"{group}/all_class_acc", (counts / images_per_class).astype(np.float32),
+                    axes="greedy class row, step, class")
+        attrs = h5[group].attrs
+        attrs["steps"] = steps
+        attrs["random_orders"] = seeds
+        attrs["random_seeding"] = "numpy default_rng((seed r, class index)), first S units of a permutation"
+        attrs["tie_break"] = TIE_BREAK
+        attrs["split"] = SPLIT
+        attrs["rows"] = "rows follow 'classes'; step 0 is the unablated baseline"
