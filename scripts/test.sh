@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # see compute/__init__.py
 exec .venv/bin/python -m pytest -q "$@"

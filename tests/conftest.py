@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any test imports torch: see compute/__init__.py
+
 import pytest
 
 TINY = {"train_per_class": 8, "val_per_class": 6}
