@@ -105,7 +105,7 @@ def _load_builtin() -> None:
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-    from compute.models import demo, zoo  # noqa: F401
+    from compute.models import demo, variants, zoo  # noqa: F401
 
 
 def sha256_of(path: Path) -> str:

@@ -1,0 +1,140 @@
+"""Variants (the paper's Figs. 8 and 9): baseline, batch norm and dropout networks side by side.
+
+Any set of stores can be compared; by default the three demo variants that ``python -m compute.suite`` computes. Per
+layer, each store's units sorted by max class drop (Fig. 8: dropout spreads a class over many units and flattens the
+curve), and per store the number of units whose best concept IoU passes a threshold (Fig. 9: interpretable units).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import loaders
+from app.common import current_store, guarded
+from store import StoreError
+
+DEFAULT_SET = ("demo", "demo-bn", "demo-dropout")
+
+
+def choose_stores() -> dict[str, object]:
+    """{store name: StoreReader} for the picked stores; unusable ones are reported and left out."""
+    paths = {Path(path).stem: path for path, _ in loaders.available_stores(str(loaders.store_directory()))}
+    current = current_store()
+    default = [name for name in DEFAULT_SET if name in paths]
+    if len(default) < 2 and current is not None:
+        default = [current.name]
+    picked = st.multiselect("Stores to compare", list(paths), default=default, key="variant_stores")
+    stores = {}
+    for name in picked:
+        try:
+            stores[name] = loaders.reader(Path(paths[name]))
+        except StoreError as error:
+            st.error(str(error))
+    return stores
+
+
+def store_layers(stores: dict) -> list[str]:
+    """Layers with ablation results in any picked store, bottom to top in the first store's order."""
+    layers: list[str] = []
+    for store in stores.values():
+        layers += [layer for layer in store.layers if store.has_section(layer, "ablation") and layer not in layers]
+    return layers
+
+
+def max_drop_frame(stores: dict, layers: list[str]) -> pd.DataFrame:
+    """Long table: store, layer, rank, max class drop (points), units sorted largest first per store and layer."""
+    frames = []
+    for name, store in stores.items():
+        for layer in layers:
+            if not store.has_section(layer, "ablation"):
+                continue
+            drop = -np.sort(-loaders.layer_array(store.path, layer, "ablation", "class_drop").max(1)) * 100
+            frames.append(pd.DataFrame({"store": name, "layer": layer, "rank": np.arange(len(drop)),
+                                        "max class drop": drop}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summary_table(stores: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    """Per store and layer: model, validation accuracy, median and mean max class drop (points)."""
+    rows = []
+    for (name, layer), group in frame.groupby(["store", "layer"], sort=False):
+        store = stores[name]
+        accuracy = store.read_attrs(f"layers/{layer}/ablation").get("baseline_overall_acc", np.nan)
+        rows.append({"store": name, "model": store.attrs.get("model", "?"), "layer": layer,
+                     "val accuracy (%)": 100 * float(accuracy), "units": len(group),
+                     "median max class drop": group["max class drop"].median(),
+                     "mean max class drop": group["max class drop"].mean()})
+    return pd.DataFrame(rows)
+
+
+def detector_counts(stores: dict, layers: list[str], threshold: float) -> tuple[pd.DataFrame, list[str]]:
+    """Units with best-concept IoU above ``threshold`` per store and layer, and the messages for missing results."""
+    rows, missing = [], []
+    for name, store in stores.items():
+        for layer in layers:
+            if layer not in store.layers:
+                continue
+            try:
+                store.require(layer, "dissection")
+            except StoreError as error:
+                missing.append(str(error))
+                continue
+            best = loaders.layer_array(store.path, layer, "dissection", "best_iou")
+            rows.append({"store": name, "layer": layer, "detectors": int((best > threshold).sum()),
+                         "units": len(best)})
+    return pd.DataFrame(rows), missing
+
+
+def default_threshold(stores: dict) -> float:
+    configs = [store.config.get("iou_threshold") for store in stores.values()]
+    return float(next((value for value in configs if value is not None), 0.04))
+
+
+def render() -> None:
+    st.title("Variants: baseline, batch norm, dropout")
+    stores = choose_stores()
+    if not stores:
+        st.info("Pick stores to compare. `python -m compute.suite` computes the three demo variants "
+                "(demo, demo-bn, demo-dropout).")
+        return
+    layers = store_layers(stores)
+    if not layers:
+        first = next(iter(stores.values()))
+        first.require(first.layers[0] if first.layers else "?", "ablation")
+    frame = max_drop_frame(stores, layers)
+    st.subheader("Max class drop of single units, sorted (Fig. 8)")
+    chart = alt.Chart(frame).mark_line().encode(
+        x=alt.X("rank:Q", title="units sorted by max class drop"),
+        y=alt.Y("max class drop:Q", title="max class accuracy drop (points)"),
+        color=alt.Color("store:N", sort=list(stores)),
+        tooltip=["store:N", "layer:N", "rank:Q", alt.Tooltip("max class drop:Q", format=".2f")],
+    ).properties(height=300, width=300).facet(column=alt.Column("layer:N", sort=layers, title=None)).resolve_scale(
+        x="independent")
+    st.altair_chart(chart)
+    table = summary_table(stores, frame)
+    st.dataframe(table, hide_index=True, column_config={
+        name: st.column_config.NumberColumn(format="%.2f")
+        for name in ("val accuracy (%)", "median max class drop", "mean max class drop")})
+    st.caption("A flatter curve (lower maximum, higher tail) means class information is spread over more units: "
+               "removing any single one hurts any class less.")
+    st.subheader("Interpretable units per variant (Fig. 9)")
+    threshold = st.number_input("Best-concept IoU above", min_value=0.0, max_value=1.0,
+                                value=default_threshold(stores), step=0.01, format="%.2f")
+    counts, missing = detector_counts(stores, layers, threshold)
+    if len(counts):
+        st.altair_chart(alt.Chart(counts).mark_bar().encode(
+            x=alt.X("store:N", sort=list(stores), title=None), y=alt.Y("detectors:Q", title="units above threshold"),
+            color=alt.Color("store:N", sort=list(stores), legend=None), column=alt.Column("layer:N", sort=layers),
+            tooltip=["store:N", "layer:N", "detectors:Q", "units:Q"]).properties(width=160, height=260))
+        st.dataframe(counts.pivot(index="store", columns="layer", values="detectors").reindex(columns=[
+            layer for layer in layers if layer in set(counts["layer"])]))
+    for message in missing:
+        st.warning(message)
+
+
+guarded(render)
