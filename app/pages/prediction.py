@@ -1,0 +1,128 @@
+"""Predicting classes (the paper's Table 1): how well each attribute vector predicts the class a unit matters most for.
+
+Shows the tables ``python -m compute.predict`` stored in the chosen store; a form runs it here over stores of the
+same architecture picked from the store directory (the first ones train, the rest test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from app import loaders
+from app.common import current_store, guarded
+from compute import predict
+from compute.errors import UserError
+
+DATASETS = ("attributes", "accuracy", "ci", "correct", "n_test")
+
+
+def stored_layers(store) -> list[str]:
+    return [layer for layer in store.layers if store.has(f"prediction/{layer}/accuracy")]
+
+
+def stored_table(store, layer: str) -> dict:
+    group = f"prediction/{layer}"
+    arrays = {name: loaders.array(store.path, f"{group}/{name}") for name in DATASETS}
+    return predict.read_table(arrays, store.read_attrs(group), layer)
+
+
+def table_frame(table: dict) -> pd.DataFrame:
+    level = int(round(100 * table.get("confidence", predict.CONFIDENCE)))
+    return pd.DataFrame([{"attribute": row["attribute"], "accuracy (%)": 100 * row["accuracy"],
+                          f"{level}% CI low (%)": 100 * row["ci"][0], f"{level}% CI high (%)": 100 * row["ci"][1],
+                          "correct": row["correct"], "test units": row["n_test"]} for row in table["rows"]])
+
+
+def accuracy_chart(table: dict) -> alt.LayerChart:
+    """Accuracy per attribute with its interval, against the two chance levels."""
+    frame = pd.DataFrame([{"attribute": r["attribute"], "accuracy": 100 * r["accuracy"], "low": 100 * r["ci"][0],
+                           "high": 100 * r["ci"][1]} for r in table["rows"]])
+    chance = pd.DataFrame({"level": ["most frequent class", "uniform guess"],
+                           "accuracy": [100 * table["chance_majority"], 100 * table["chance_uniform"]]})
+    order = list(frame["attribute"])
+    bars = alt.Chart(frame).mark_bar(color="#4c78a8").encode(
+        x=alt.X("attribute:N", sort=order, title=None), y=alt.Y("accuracy:Q", title="test accuracy (%)"),
+        tooltip=["attribute:N", alt.Tooltip("accuracy:Q", format=".1f")])
+    errors = alt.Chart(frame).mark_errorbar(ticks=True).encode(
+        x=alt.X("attribute:N", sort=order), y=alt.Y("low:Q", title="test accuracy (%)"), y2="high:Q")
+    rules = alt.Chart(chance).mark_rule(strokeDash=[5, 3]).encode(
+        y="accuracy:Q", color=alt.Color("level:N", title="chance"))
+    return (bars + errors + rules).properties(height=320)
+
+
+def show_table(table: dict) -> None:
+    cols = st.columns(4)
+    best = max(table["rows"], key=lambda row: row["accuracy"])
+    cols[0].metric("Best", f"{100 * best['accuracy']:.1f}%", help=best["attribute"])
+    cols[1].metric("Chance (most frequent class)", f"{100 * table['chance_majority']:.1f}%")
+    cols[2].metric("Chance (uniform guess)", f"{100 * table['chance_uniform']:.1f}%",
+                   help="1/K, a little more where several classes tie for a unit's largest drop")
+    cols[3].metric("Units train / test", f"{table['n_train']} / {table['n_test']}")
+    st.altair_chart(accuracy_chart(table), width="stretch")
+    st.dataframe(table_frame(table), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in table_frame(table).columns
+                                if "%" in c})
+    skipped = sum(table["unlabelled"].values())
+    st.caption(f"Layer {table['layer']}. Trained on {', '.join(table['train_stores'])}; tested on "
+               f"{', '.join(table['test_stores'])}. Label: the class with the largest drop when the unit is ablated; "
+               f"{skipped} units whose ablation lowers no class are left out. {sum(table['tied'].values())} units "
+               f"have several classes tied for the largest drop: naming any of them counts as correct. "
+               f"Seed {table['seed']}; Wilson intervals.")
+
+
+def same_model_stores(store) -> list[str]:
+    """Paths of the stores in the store directory made with the chosen store's model (instances of it)."""
+    found = []
+    for path, _ in loaders.available_stores(str(loaders.store_directory())):
+        try:
+            if loaders.reader(Path(path)).attrs.get("model") == store.attrs.get("model"):
+                found.append(path)
+        except Exception:  # an unusable file in the directory is simply not offered
+            continue
+    return sorted(found, key=lambda p: Path(p).stem)
+
+
+def run_form(store, expanded: bool) -> None:
+    candidates = same_model_stores(store)
+    with st.expander("Compute a table from instances of this model", expanded=expanded):
+        with st.form("predict_form"):
+            chosen = st.multiselect("Stores, training instances first", candidates, default=candidates,
+                                    format_func=lambda p: Path(p).stem, key="predict_stores")
+            cols = st.columns(3)
+            layers = [layer for layer in store.layers if store.has_section(layer, "ablation")]
+            layer = cols[0].selectbox("Layer", layers, index=len(layers) - 1 if layers else None, key="predict_layer")
+            n_train = int(cols[1].number_input("Training instances", min_value=1, value=3, step=1, key="predict_train"))
+            seed = int(cols[2].number_input("Seed", min_value=0, value=0, step=1, key="predict_seed"))
+            submitted = st.form_submit_button("Train and test")
+        if submitted:
+            try:
+                with st.spinner(f"Training on {n_train} instances, testing on {len(chosen) - n_train}..."):
+                    table = predict.predict_table(chosen, layer=layer, n_train=n_train, seed=seed)
+                    predict.save_table(table)
+            except UserError as error:
+                st.error(str(error))
+                return
+            st.success(f"Stored under prediction/{table['layer']}/ in {len(chosen)} stores.")
+            show_table(table)
+
+
+def render() -> None:
+    store = current_store()
+    if store is None:
+        return
+    st.title("Predicting the class a unit matters most for")
+    layers = stored_layers(store)
+    if layers:
+        layer = st.selectbox("Layer", layers, index=len(layers) - 1, key="prediction_layer")
+        show_table(stored_table(store, layer))
+    else:
+        st.info(f"{store.name} holds no prediction table yet. Compute one below or with "
+                f"`python -m compute.predict STORE...` (instances of one model; the first three train).")
+    run_form(store, expanded=not layers)
+
+
+guarded(render)

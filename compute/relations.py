@@ -1,0 +1,153 @@
+"""How a unit's attributes relate to its ablation drops (the paper's Sec. 3.3 and Fig. 5).
+
+For every scalar attribute of a layer's units (max class selectivity, max class correlation, max concept IoU, L1 norm,
+activation sparsity, mean and std) against the overall drop and the max class drop: Pearson and Spearman
+coefficients with their p-values (scipy.stats) and bootstrap confidence intervals (scipy.stats.bootstrap, BCa, units
+resampled in pairs). The table is small: [attributes, targets] per statistic.
+
+Reading goes through a ``read(section, name)`` callable that returns the layer's array or None, so the pipeline
+(reading earlier stages' parts) and the app (reading a finished store) share one definition of each attribute.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+# (name, section, dataset, reduction to one number per unit). Per-class attributes use the maximum over classes,
+# as the paper does ("in terms of the class with maximum value").
+ATTRIBUTES = (
+    ("max selectivity", "attributes", "selectivity", "max"),
+    ("max correlation", "attributes", "correlation", "max"),
+    ("max concept IoU", "dissection", "best_iou", "max"),
+    ("L1", "attributes", "l1", None),
+    ("sparsity", "attributes", "sparsity", None),
+    ("activation mean", "attributes", "act_mean", None),
+    ("activation std", "attributes", "act_std", None),
+)
+TARGETS = (
+    ("overall drop", "ablation", "overall_drop", None),
+    ("max class drop", "ablation", "class_drop", "max"),
+)
+N_RESAMPLES = 999
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+Reader = Callable[[str, str], "np.ndarray | None"]
+
+
+def _per_unit(array: np.ndarray, reduction: str | None) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
+    if reduction == "max" and array.ndim > 1:
+        return array.reshape(array.shape[0], -1).max(1)
+    return array.reshape(-1)
+
+
+def _collect(spec, read: Reader) -> dict[str, np.ndarray]:
+    found = {}
+    for name, section, dataset, reduction in spec:
+        value = read(section, dataset)
+        if value is not None:
+            found[name] = _per_unit(value, reduction)
+    return found
+
+
+def scalar_attributes(read: Reader) -> dict[str, np.ndarray]:
+    """The scalar attributes present for a layer, in ATTRIBUTES order (missing ones, e.g. no dissection, left out)."""
+    return _collect(ATTRIBUTES, read)
+
+
+def drop_targets(read: Reader) -> dict[str, np.ndarray]:
+    """Overall drop and max class drop per unit (accuracy fractions)."""
+    return _collect(TARGETS, read)
+
+
+def _pearson(x, y, axis=-1):
+    return stats.pearsonr(x, y, axis=axis).statistic
+
+
+def _spearman(x, y, axis=-1):
+    """Spearman's rho is Pearson's r of the ranks (average ranks for ties), which vectorises over resamples."""
+    return _pearson(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis=axis)
+
+
+def _is_constant(values: np.ndarray) -> bool:
+    return bool(np.ptp(values) == 0)
+
+
+def _bootstrap_ci(x, y, statistic, n_resamples: int, seed: int, confidence: float) -> tuple[float, float]:
+    """BCa interval over units resampled in (attribute, drop) pairs; nan where a resample is degenerate."""
+    with warnings.catch_warnings():
+        # A resample whose values are all equal has no correlation; scipy warns and the interval becomes nan.
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap((x, y), statistic, paired=True, vectorized=True, n_resamples=n_resamples,
+                                 confidence_level=confidence, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def relation_table(attributes: dict[str, np.ndarray], targets: dict[str, np.ndarray],
+                   n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> dict:
+    """Pearson and Spearman coefficients, p-values and bootstrap intervals of every attribute against every target.
+
+    Returns arrays: ``attributes`` [A] and ``targets`` [T] (names), ``pearson_r``/``pearson_p``/``spearman_r``/
+    ``spearman_p`` [A, T], ``pearson_ci``/``spearman_ci`` [A, T, 2] (low, high). A constant attribute or target has
+    no correlation: its entries are nan. ``n_resamples=0`` skips the bootstrap (intervals nan), for quick views.
+    """
+    a_names, t_names = list(attributes), list(targets)
+    shape = (len(a_names), len(t_names))
+    table = {"attributes": np.array(a_names, dtype=object), "targets": np.array(t_names, dtype=object)}
+    for method in ("pearson", "spearman"):
+        table[f"{method}_r"] = np.full(shape, np.nan)
+        table[f"{method}_p"] = np.full(shape, np.nan)
+        table[f"{method}_ci"] = np.full(shape + (2,), np.nan)
+    for i, a_name in enumerate(a_names):
+        x = np.asarray(attributes[a_name], dtype=np.float64)
+        for j, t_name in enumerate(t_names):
+            y = np.asarray(targets[t_name], dtype=np.float64)
+            if len(x) < 3 or _is_constant(x) or _is_constant(y):
+                continue
+            pearson = stats.pearsonr(x, y)
+            spearman = stats.spearmanr(x, y)
+            table["pearson_r"][i, j], table["pearson_p"][i, j] = pearson.statistic, pearson.pvalue
+            table["spearman_r"][i, j], table["spearman_p"][i, j] = spearman.statistic, spearman.pvalue
+            if n_resamples > 0:
+                table["pearson_ci"][i, j] = _bootstrap_ci(x, y, _pearson, n_resamples, seed, confidence)
+                table["spearman_ci"][i, j] = _bootstrap_ci(x, y, _spearman, n_resamples, seed, confidence)
+    return table
+
+
+def _part_reader(writer, layer: str) -> Reader:
+    """read(section, name) over the parts earlier stages of this run wrote; None for a stage not done or a name
+    that stage did not write."""
+    def read(section: str, name: str):
+        stage = f"{section}/{layer}"
+        if not writer.done(stage):
+            return None
+        try:
+            return writer.read_part(stage, f"layers/{layer}/{section}/{name}")
+        except KeyError:
+            return None
+    return read
+
+
+def run_stage(ctx, layer: str) -> None:
+    from compute.errors import StageSkipped
+    from store.writer import write_array
+
+    read = _part_reader(ctx.writer, layer)
+    attributes, targets = scalar_attributes(read), drop_targets(read)
+    if not targets:
+        raise StageSkipped(f"no ablation results for {layer}")
+    if not attributes:
+        raise StageSkipped(f"no unit attributes for {layer}")
+    table = relation_table(attributes, targets)
+    with ctx.writer.stage(f"relations/{layer}") as h5:
+        group = f"layers/{layer}/relations"
+        for name, value in table.items():
+            write_array(h5, f"{group}/{name}", value)
+        h5[group].attrs.update({"n_resamples": N_RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
+                                "ci_method": "BCa", "units": len(targets["overall drop"])})
