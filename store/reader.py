@@ -9,6 +9,8 @@ and locking fails on many network file systems.
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -24,9 +26,35 @@ def _open(path: Path) -> h5py.File:
         raise StoreError(f"{path.name} is not an HDF5 store (truncated or another kind of file): recompute it")
     try:
         return h5py.File(path, "r", locking=False)
-    except OSError as error:
-        raise StoreError(f"{path.name} cannot be opened ({str(error).splitlines()[0][:120]}): the file is damaged, "
-                         f"recompute it") from None
+    except _DAMAGE as error:
+        raise StoreError(f"{path.name}: {open_failure(error)}; copy it again or recompute it "
+                         f"(`python -m store.check {path.name}` reports every problem)") from None
+
+
+# What h5py raises on damaged metadata (a flipped byte in a B-tree, a heap, an object header), besides OSError.
+_DAMAGE = (OSError, RuntimeError, KeyError, ValueError)
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+
+
+def open_failure(error: Exception) -> str:
+    """Why HDF5 could not open a file, in words; truncation (a copy cut short, a full disk) is the usual case."""
+    text = str(error).strip()
+    truncated = _TRUNCATED.search(text)
+    if truncated:
+        have, want = truncated.groups()
+        return f"truncated: {have} of its {want} bytes are there (a copy or write was cut short, or the disk filled)"
+    return f"cannot be opened as HDF5 ({text.splitlines()[0][:120] if text else 'no detail'}): the file is damaged"
+
+
+@contextmanager
+def _reading(path: Path):
+    """Open briefly; whatever h5py raises on a damaged file becomes one StoreError line, never a traceback."""
+    with _open(path) as handle:
+        try:
+            yield handle
+        except _DAMAGE as error:
+            raise StoreError(f"{path.name} is damaged ({str(error).splitlines()[0][:100]}): recompute it "
+                             f"(`python -m store.check {path.name}` reports every problem)") from None
 
 
 def _decode(value):
@@ -44,7 +72,7 @@ class StoreReader:
 
     def __init__(self, path):
         self.path = Path(path)
-        with _open(self.path) as handle:
+        with _reading(self.path) as handle:
             self.attrs = {key: _decode(value) for key, value in handle.attrs.items()}
             version = self.attrs.get("schema_version")
             if version is None or "completed" not in self.attrs:
@@ -53,7 +81,8 @@ class StoreReader:
                 raise StoreError(f"{self.path.name} has schema version {version}, this tool reads version "
                                  f"{SCHEMA_VERSION}: recompute it with `python -m compute.all`")
             self.contents: set[str] = set()
-            handle.visit(self.contents.add)
+            self.datasets: set[str] = set()  # the contents that hold arrays; the rest are groups
+            handle.visititems(self._index)
             self.stages = dict(handle["stages"].attrs) if "stages" in handle else {}
             self.classes = list(_decode(handle["classes"][()])) if "classes" in handle else []
             self.layers = list(handle["layers"]) if "layers" in handle else []
@@ -61,6 +90,11 @@ class StoreReader:
             if order:
                 ranked = json.loads(order)
                 self.layers.sort(key=lambda name: ranked.index(name) if name in ranked else len(ranked))
+
+    def _index(self, name: str, item) -> None:
+        self.contents.add(name)
+        if isinstance(item, h5py.Dataset):
+            self.datasets.add(name)
 
     @property
     def name(self) -> str:
@@ -89,7 +123,7 @@ class StoreReader:
         path = path.strip("/")
         if not self.has(path):
             raise StoreError(f"{self.path.name} has no '{path}': recompute the store with a newer `compute.all`")
-        with _open(self.path) as handle:
+        with _reading(self.path) as handle:
             dataset = handle[path]
             try:
                 value = dataset[selection] if selection != () else dataset[()]
@@ -100,14 +134,14 @@ class StoreReader:
 
     def read_attrs(self, path: str) -> dict:
         path = path.strip("/")
-        with _open(self.path) as handle:
+        with _reading(self.path) as handle:
             return {key: _decode(value) for key, value in handle[path].attrs.items()} if path in handle else {}
 
     def layer(self, layer: str, section: str, name: str, selection=()):
         return self.read(layer_path(layer, section, name), selection)
 
     def shape(self, path: str) -> tuple:
-        with _open(self.path) as handle:
+        with _reading(self.path) as handle:
             return tuple(handle[path.strip("/")].shape)
 
 
@@ -116,5 +150,12 @@ def list_stores(directory) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.glob("*" + SUFFIX) if not p.name.startswith(".") and not p.name.endswith(PARTIAL_SUFFIX)]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    found = {}
+    for path in directory.glob("*" + SUFFIX):
+        if path.name.startswith(".") or path.name.endswith(PARTIAL_SUFFIX):
+            continue
+        try:  # a store deleted between the listing and the stat is simply not listed
+            found[path] = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+    return sorted(found, key=found.get, reverse=True)

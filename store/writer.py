@@ -23,6 +23,11 @@ import numpy as np
 from store.schema import SCHEMA_VERSION, SUFFIX, StoreError
 
 
+# Writers take turns through flock; a file system without locks (an NFS mount with `nolock`) cannot host a writer.
+_NO_LOCKS = ("cannot lock files in {where} ({why}): write the store on a local disk (--store DIR) and copy it into "
+             "the shared directory, or mount it with locking")
+
+
 def write_array(group: h5py.Group, path: str, data, **attrs) -> h5py.Dataset:
     """Create ``path`` under ``group`` (replacing it), compressed and fletcher32-checksummed where it can be.
 
@@ -100,8 +105,10 @@ class StoreWriter:
         self._lock = open(self.parts / ("lock" if shard_rank == 0 else f"lock-rank{shard_rank}"), "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             raise StoreError(f"another process is writing {self.path.name}: wait for it or kill it") from None
+        except OSError as error:
+            raise StoreError(_NO_LOCKS.format(where=self.path.parent, why=error.strerror)) from None
         if shard_rank == 0:
             self._start_or_resume()
 
@@ -202,15 +209,49 @@ class StoreWriter:
 
 @contextmanager
 def amend(path: Path):
-    """Add to a finished store without ever exposing a half-written file: copy, write, rename over."""
+    """Add to a finished store without ever exposing a half-written file: copy, write, rename over.
+
+    Amends of one store take turns, so two writers adding different results (compute.predict, say) never lose each
+    other's work to the last rename; holding the turn, copies left by a killed amend are known stale and removed.
+    """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"store {path} not found: run `python -m compute.all` first")
-    temporary = path.with_name("." + path.name + f".amend-{os.getpid()}")
-    shutil.copy2(path, temporary)
+    with _exclusive(path.with_name("." + path.name + ".lock")):
+        for stale in path.parent.glob("." + path.name + ".amend-*"):
+            stale.unlink(missing_ok=True)
+        temporary = path.with_name("." + path.name + f".amend-{os.getpid()}")
+        shutil.copy2(path, temporary)
+        try:
+            with h5py.File(temporary, "a") as handle:
+                yield handle
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive flock on ``lock_path``, removed on release; the kernel frees it if the holder dies.
+
+    The file is unlinked while still locked, so a waiter may end up holding a lock on a removed file: it checks that
+    the path still names the file it locked and otherwise tries again.
+    """
+    while True:
+        handle = open(lock_path, "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            handle.close()
+            raise StoreError(_NO_LOCKS.format(where=lock_path.parent, why=error.strerror)) from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
     try:
-        with h5py.File(temporary, "a") as handle:
-            yield handle
-        os.replace(temporary, path)
+        yield
     finally:
-        temporary.unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)
+        handle.close()

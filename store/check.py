@@ -1,0 +1,361 @@
+"""Verify stores: ``python -m store.check PATH...`` (store files, or directories of them).
+
+A store passes when it is an HDF5 file that opens, is a finished store of this schema version, holds the required
+paths (``schema.REQUIRED_ROOT``, ``schema.LAYER_SECTIONS`` for every layer), has shapes that agree across sections
+(``schema.ROOT_SHAPES``, ``schema.LAYER_SHAPES``) and index values in range, and reads in full: every chunk of every
+dataset is read, so each chunk's fletcher32 checksum is verified and every compressed chunk is decompressed.
+
+One line per problem, saying what is wrong and what to do. Exit status: 0 all fine, 1 problems, 2 usage errors.
+Library use: ``check_store(path)`` returns the problems as a list of strings (empty when fine); it never raises for
+a damaged file, whatever the damage, because its job is to report it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+
+from store.reader import list_stores, open_failure
+from store.schema import (INDEX_RANGES, LAYER_SECTIONS, LAYER_SHAPES, REQUIRED_ROOT, ROOT_SHAPES, SCHEMA_VERSION,
+                          SECTION_COMMANDS)
+
+RECOMPUTE = "recompute it with `python -m compute.all --model MODEL --force`"
+
+
+@dataclass
+class Report:
+    """What one check found: problems (one line each) and what was verified."""
+
+    problems: list[str] = field(default_factory=list)
+    layers: int = 0
+    datasets: int = 0
+    chunks: int = 0
+    fix: str = RECOMPUTE  # what to do, with the store's model once its provenance is read
+
+    def summary(self) -> str:
+        return (f"ok: schema {SCHEMA_VERSION}, {self.layers} layers, {self.datasets} datasets, "
+                f"{self.chunks} checksummed chunks verified")
+
+
+def check_store(path) -> list[str]:
+    """Every problem of the store at ``path``, one line each; an empty list means the store is sound."""
+    return inspect(path).problems
+
+
+def inspect(path) -> Report:
+    path = Path(path)
+    report = Report()
+    problem = _file_problem(path)
+    if problem:
+        report.problems.append(problem)
+        return report
+    try:
+        handle = h5py.File(path, "r", locking=False)
+    except Exception as error:  # noqa: BLE001 - HDF5 raises OSError, but a damaged superblock may raise anything
+        report.problems.append(_open_problem(error))
+        return report
+    with handle:
+        _check_open_store(handle, report)
+    return report
+
+
+def _file_problem(path: Path) -> str | None:
+    """Problems visible before HDF5 is involved: missing, empty, or not HDF5 at all."""
+    if not path.is_file():
+        return "no such file" if not path.exists() else "not a file"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes): a copy or a write was cut short; copy it again or " + RECOMPUTE
+    if not h5py.is_hdf5(path):
+        return (f"not an HDF5 file ({size} bytes without the HDF5 signature): another kind of file, or damaged at "
+                f"its start; " + RECOMPUTE)
+    return None
+
+
+def _open_problem(error: Exception) -> str:
+    fix = "copy it again or " + RECOMPUTE if "truncated" in str(error) else RECOMPUTE
+    return f"{open_failure(error)}; {fix}"
+
+
+def _first_line(text: str, limit: int = 120) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else "no detail"
+    return line[:limit]
+
+
+def _check_open_store(handle: h5py.File, report: Report) -> None:
+    attrs = _attrs(handle, report)
+    report.fix = RECOMPUTE.replace("MODEL", str(attrs.get("model", "MODEL")))
+    if not _version_ok(attrs, report):
+        return
+    datasets = _walk(handle, report)
+    report.datasets = len(datasets)
+    layers = sorted({name.split("/")[1] for name in datasets if name.startswith("layers/") and name.count("/") >= 2})
+    report.layers = len(layers)
+    _check_layout(handle, attrs, datasets, layers, report)
+    _check_shapes(handle, attrs, datasets, layers, report)
+    for name, dataset in datasets.items():
+        _verify_data(name, dataset, report)
+
+
+def _attrs(handle: h5py.File, report: Report) -> dict:
+    try:
+        return {key: value.decode() if isinstance(value, bytes) else value for key, value in handle.attrs.items()}
+    except Exception as error:  # noqa: BLE001
+        report.problems.append(f"its attributes (provenance) cannot be read ({_first_line(error)}): the file is "
+                               f"damaged; " + report.fix)
+        return {}
+
+
+def _version_ok(attrs: dict, report: Report) -> bool:
+    """Schema version and completion; a store of another schema version is not checked further (its layout differs)."""
+    version = attrs.get("schema_version")
+    if version is None:
+        report.problems.append("no schema_version attribute: not a store written by compute.all; " + report.fix)
+        return False
+    if int(version) != SCHEMA_VERSION:
+        fix = report.fix if int(version) < SCHEMA_VERSION else "update this tool to read it (git pull)"
+        report.problems.append(f"schema version {int(version)}, this tool reads version {SCHEMA_VERSION}: {fix}")
+        return False
+    if "completed" not in attrs:
+        report.problems.append("not finished (no 'completed' attribute): a run in progress or killed wrote it; "
+                               "rerun the same `python -m compute.all` command to resume")
+    return True
+
+
+def _walk(handle: h5py.File, report: Report) -> dict[str, h5py.Dataset]:
+    """Every dataset by path, group by group, so that damaged metadata is reported where it is."""
+    found: dict[str, h5py.Dataset] = {}
+    pending = [("", handle)]
+    while pending:
+        prefix, group = pending.pop()
+        try:
+            names = list(group.keys())
+        except Exception as error:  # noqa: BLE001
+            report.problems.append(f"group '{prefix or '/'}' cannot be listed ({_first_line(error)}): the file is "
+                                   f"damaged; " + report.fix)
+            continue
+        for name in names:
+            path = f"{prefix}/{name}" if prefix else name
+            try:
+                item = group[name]
+            except Exception as error:  # noqa: BLE001
+                report.problems.append(f"'{path}' cannot be opened ({_first_line(error)}): the file is damaged; "
+                                       + report.fix)
+                continue
+            try:  # attributes carry provenance and settings that readers use
+                dict(item.attrs)
+            except Exception as error:  # noqa: BLE001
+                report.problems.append(f"attributes of '{path}' cannot be read ({_first_line(error)}): the file is "
+                                       f"damaged; " + report.fix)
+            if isinstance(item, h5py.Group):
+                pending.append((path, item))
+            elif isinstance(item, h5py.Dataset):
+                found[path] = item
+    try:  # the reader's table of contents: HDF5's own visit reads every object header in full
+        handle.visit(lambda name: None)
+    except Exception as error:  # noqa: BLE001
+        report.problems.append(f"its table of contents cannot be read ({_first_line(error)}): the file is damaged; "
+                               + report.fix)
+    return dict(sorted(found.items()))
+
+
+def _check_layout(handle, attrs: dict, datasets: dict, layers: list[str], report: Report) -> None:
+    """Required paths, the configured layers, and a section for every stage recorded as finished."""
+    for path in REQUIRED_ROOT:
+        if path not in datasets:
+            report.problems.append(f"'{path}' is missing: the store is incomplete; " + report.fix)
+    if not layers:
+        report.problems.append("no layers: the store holds no results; " + report.fix)
+    configured = _configured_layers(attrs)
+    for layer in configured:
+        if layer not in layers:
+            report.problems.append(f"layer {layer} was asked for (config) but has no results; " + report.fix)
+    for layer in layers:
+        for section, paths in LAYER_SECTIONS.items():
+            wanted = [f"layers/{layer}/{p}" for p in paths]
+            missing = [p for p in wanted if p not in datasets]
+            if len(missing) == len(wanted):
+                report.problems.append(f"layers/{layer} has no {section} section: {_section_command(section, attrs)}")
+            else:
+                report.problems.extend(f"'{p}' is missing from the {section} section; " + report.fix for p in missing)
+    optional = (set(SECTION_COMMANDS) | {p.split("/")[0] for p in LAYER_SHAPES}) - set(LAYER_SECTIONS)
+    for stage in _recorded_stages(handle):
+        section, _, layer = stage.partition("/")
+        if section in optional and layer and f"layers/{layer}/{section}" not in handle:
+            report.problems.append(f"stage {stage} is recorded as finished but 'layers/{layer}/{section}' is missing: "
+                                   f"the store was edited or damaged; " + report.fix)
+
+
+def _configured_layers(attrs: dict) -> list[str]:
+    try:
+        config = json.loads(attrs.get("config", "{}"))
+        return [str(layer) for layer in config.get("layers", [])] if isinstance(config, dict) else []
+    except (TypeError, ValueError):
+        return []
+
+
+def _recorded_stages(handle) -> list[str]:
+    try:
+        return list(handle["stages"].attrs) if "stages" in handle else []
+    except Exception:  # noqa: BLE001 - a damaged stages group shows up again when the walk lists it
+        return []
+
+
+def _section_command(section: str, attrs: dict) -> str:
+    command = SECTION_COMMANDS.get(section, "python -m compute.all --model MODEL")
+    return f"compute it with `{command.replace('MODEL', str(attrs.get('model', 'MODEL')))}`"
+
+
+def _check_shapes(handle, attrs: dict, datasets: dict, layers: list[str], report: Report) -> None:
+    """Shapes against the named dimensions of the schema tables, plus provenance counts and index ranges."""
+    shared: dict[str, tuple[int, str]] = {}
+    for path, expected in ROOT_SHAPES.items():
+        if path in datasets:
+            _bind(shared, path, datasets[path].shape, expected, report)
+    for key, dim in (("num_images", "N"), ("num_classes", "K")):
+        if key in attrs and dim in shared and int(attrs[key]) != shared[dim][0]:
+            report.problems.append(f"attribute {key} = {int(attrs[key])} but '{shared[dim][1]}' has "
+                                   f"{shared[dim][0]}: the store is inconsistent; " + report.fix)
+    for path, dim in INDEX_RANGES.items():
+        if path in datasets:
+            _check_range(path, datasets[path], shared, dim, report)
+    for layer in layers:
+        bound = dict(shared)
+        units = _layer_units(handle, layer)
+        if units is not None:
+            bound["U"] = (units, f"layers/{layer} attribute 'units'")
+        for relative, expected in LAYER_SHAPES.items():
+            path = f"layers/{layer}/{relative}"
+            if path in datasets:
+                _bind(bound, path, datasets[path].shape, expected, report)
+        for relative, dim in INDEX_RANGES.items():
+            path = f"layers/{layer}/{relative}"
+            if path in datasets:
+                _check_range(path, datasets[path], bound, dim, report)
+
+
+def _layer_units(handle, layer: str) -> int | None:
+    try:
+        units = handle[f"layers/{layer}"].attrs.get("units")
+        return None if units is None else int(units)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _bind(bound: dict, path: str, shape: tuple, expected: tuple, report: Report) -> None:
+    """Match a shape against named dimensions, binding names seen for the first time."""
+    if len(shape) != len(expected):
+        report.problems.append(f"'{path}' has shape {tuple(shape)}, expected {len(expected)} dimensions "
+                               f"({', '.join(map(str, expected))}): the store is inconsistent; " + report.fix)
+        return
+    for size, name in zip(shape, expected):
+        if name == "*":
+            continue
+        if isinstance(name, int):
+            want, source = name, "the schema"
+        elif name in bound:
+            want, source = bound[name]
+        else:
+            bound[name] = (size, path)
+            continue
+        if size != want:
+            report.problems.append(f"'{path}' has shape {tuple(shape)}, but {name} = {want} (from {source}): the "
+                                   f"store is inconsistent; " + report.fix)
+            return
+
+
+def _check_range(path: str, dataset, bound: dict, dim: str, report: Report) -> None:
+    if dim not in bound or dataset.size == 0 or dataset.dtype.kind not in "iu":
+        return
+    try:
+        values = dataset[()]
+    except Exception:  # noqa: BLE001 - unreadable data is reported by _verify_data
+        return
+    limit = bound[dim][0]
+    if values.min() < 0 or values.max() >= limit:
+        report.problems.append(f"'{path}' holds values in [{values.min()}, {values.max()}], outside [0, {limit}) "
+                               f"({dim}, from {bound[dim][1]}): the store is inconsistent; " + report.fix)
+
+
+def _verify_data(path: str, dataset: h5py.Dataset, report: Report) -> None:
+    """Read every chunk (fletcher32 is verified and gzip decompressed on read) and count the ones that fail.
+
+    A chunk missing from the chunk index would silently read as the fill value (zeros), so the index is compared
+    with the chunk grid first: every dataset of a finished store is written in full.
+    """
+    try:
+        if dataset.chunks is None or dataset.size == 0:  # strings are decoded too: the reader hands out text
+            (dataset.asstr() if h5py.check_string_dtype(dataset.dtype) else dataset)[()]
+            return
+        stored = {tuple(dataset.id.get_chunk_info(i).chunk_offset) for i in range(dataset.id.get_num_chunks())}
+        grid = [(tuple(s.start for s in selection), selection) for selection in dataset.iter_chunks()]
+        missing = [start for start, _ in grid if start not in stored]
+        failed = [(start, _read_failure(dataset, selection)) for start, selection in grid if start in stored]
+        failed = [(start, error) for start, error in failed if error]
+    except Exception as error:  # noqa: BLE001
+        report.problems.append(f"'{path}' cannot be read ({_first_line(error)}): the file is damaged; " + report.fix)
+        return
+    if dataset.fletcher32:
+        report.chunks += len(grid) - len(missing) - len(failed)
+    if missing:
+        report.problems.append(f"'{path}': {len(missing)} of {len(grid)} chunks are missing from its chunk index "
+                               f"(first at {missing[0]}; they would read as zeros): the file is damaged; " + report.fix)
+    if failed:
+        what = "fail their fletcher32 checksum or cannot be decompressed" if dataset.fletcher32 else "cannot be read"
+        report.problems.append(f"'{path}': {len(failed)} of {len(grid)} chunks {what} (first at {failed[0][0]}: "
+                               f"{failed[0][1]}): the file is damaged; copy it again or " + report.fix)
+
+
+def _read_failure(dataset: h5py.Dataset, selection) -> str | None:
+    try:
+        dataset[selection]
+        return None
+    except Exception as error:  # noqa: BLE001
+        return _first_line(error, 80)
+
+
+def _targets(raw_paths: list[str]) -> tuple[list[Path], list[str]]:
+    """Store files named directly or found in named directories; lines for directories that hold none."""
+    targets, empty = [], []
+    for raw in raw_paths:
+        path = Path(raw)
+        if path.is_dir():
+            stores = sorted(list_stores(path))
+            targets.extend(stores)
+            if not stores:
+                empty.append(f"{path}: no finished stores (*.h5) in this directory")
+        else:
+            targets.append(path)
+    return targets, empty
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m store.check", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="store files (.h5) or directories of stores")
+    args = parser.parse_args(argv)
+    missing = [raw for raw in args.paths if not Path(raw).exists()]
+    if missing:
+        for raw in missing:
+            print(f"error: {raw}: no such file or directory", file=sys.stderr)
+        return 2
+    targets, empty = _targets(args.paths)
+    for line in empty:
+        print(line)
+    failed = bool(empty)
+    for path in targets:
+        report = inspect(path)
+        for problem in report.problems:
+            print(f"{path}: {problem}")
+        if not report.problems:
+            print(f"{path}: {report.summary()}")
+        failed = failed or bool(report.problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
