@@ -1,12 +1,15 @@
-"""Shared page furniture: the chosen store and layer, messages for missing sections, query-parameter links."""
+"""Shared page furniture: the chosen stores and layer, messages for missing sections, query-parameter links, and the
+download buttons under every chart and table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from app import loaders
+from figures import render as render_chart
 from store import StoreError
 
 
@@ -24,6 +27,46 @@ def current_store():
         return None
 
 
+def _marker(key: str) -> str:
+    return f"_linked_{key}"
+
+
+def from_link(key: str, param: str, parse) -> None:
+    """Give widget ``key`` the value of query parameter ``param`` when the parameter changed since this session last
+    wrote it (a followed link, a page switch that carries parameters); otherwise the widget keeps what the user chose.
+    ``parse`` turns the text into the widget's value, raising KeyError or ValueError when it names nothing valid."""
+    wanted = st.query_params.get(param)
+    if wanted is None or wanted == st.session_state.get(_marker(key)):
+        return
+    try:
+        st.session_state[key] = parse(wanted)
+    except (KeyError, ValueError):
+        return
+    st.session_state[_marker(key)] = wanted
+
+
+def to_link(key: str, param: str, text: str | None) -> None:
+    """Write the widget's value into the URL (removed when empty), so the page as shown is a shareable link."""
+    if text:
+        st.query_params[param] = text
+    else:
+        st.query_params.pop(param, None)
+    st.session_state[_marker(key)] = text
+
+
+def linked_select(label: str, options: list, param: str, key: str, default: int = 0, text=str, container=None,
+                  **options_kw):
+    """A selectbox whose choice lives in query parameter ``param`` (as ``text(option)``; None is the empty choice)."""
+    as_text = lambda option: "" if option is None else text(option)  # noqa: E731
+    from_link(key, param, {as_text(option): option for option in options}.__getitem__)
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]  # a value from another store or layer that this one lacks
+    initial = {} if key in st.session_state else {"index": default}
+    value = (container or st).selectbox(label, options, key=key, **initial, **options_kw)
+    to_link(key, param, as_text(value))
+    return value
+
+
 def choose_layer(store, section: str, key: str = "layer") -> str | None:
     """A layer picker limited to layers that hold ``section``; says which command computes it when none do."""
     layers = [layer for layer in store.layers if store.has_section(layer, section)]
@@ -33,11 +76,7 @@ def choose_layer(store, section: str, key: str = "layer") -> str | None:
         except StoreError as error:
             st.warning(str(error))
         return None
-    wanted = st.query_params.get("layer")
-    index = layers.index(wanted) if wanted in layers else len(layers) - 1
-    layer = st.selectbox("Layer", layers, index=index, key=key)
-    st.query_params["layer"] = layer
-    return layer
+    return linked_select("Layer", layers, "layer", key, default=len(layers) - 1)
 
 
 def guarded(render):
@@ -46,3 +85,58 @@ def guarded(render):
         render()
     except StoreError as error:
         st.error(str(error))
+
+
+def compare_store():
+    """The store picked under "Compare with" in the sidebar (another run, variant or model), or None."""
+    path = st.session_state.get("compare_path")
+    if not path:
+        return None
+    try:
+        return loaders.reader(Path(path))
+    except StoreError as error:
+        st.error(str(error))
+        return None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def chart_downloads(chart, name: str, frame: pd.DataFrame | None = None) -> None:
+    """PNG, SVG (and the chart's numbers as CSV) download buttons; images are rendered only when clicked."""
+    name = _slug(name)
+    cols = st.columns([1, 1, 1, 5] if frame is not None else [1, 1, 6])
+    for col, fmt in zip(cols, ("png", "svg")):
+        col.download_button(fmt.upper(), lambda fmt=fmt: render_chart(chart, fmt), file_name=f"{name}.{fmt}",
+                            mime="image/png" if fmt == "png" else "image/svg+xml", key=f"download-{name}-{fmt}",
+                            icon=":material/download:", type="tertiary")
+    if frame is not None:
+        cols[2].download_button("CSV", lambda: frame.to_csv(index=False).encode(), file_name=f"{name}.csv",
+                                mime="text/csv", key=f"download-{name}-csv", icon=":material/download:",
+                                type="tertiary")
+
+
+def table(frame: pd.DataFrame, name: str, **options) -> None:
+    """A table with a CSV download button under it (index kept when it carries labels)."""
+    st.dataframe(frame, **options)
+    keep_index = not options.get("hide_index", False)
+    st.download_button("CSV", lambda: frame.to_csv(index=keep_index).encode(), file_name=f"{_slug(name)}.csv",
+                       mime="text/csv", key=f"download-{_slug(name)}-table", icon=":material/download:",
+                       type="tertiary")
+
+
+def side_by_side(store, layer: str, section: str, body) -> None:
+    """``body(store, layer)`` for the chosen store, and beside it for the compared store when one is picked and
+    holds ``section`` for the same layer (else a note says why it is missing)."""
+    other = compare_store()
+    if other is None:
+        body(store, layer)
+        return
+    for column, shown in zip(st.columns(2), (store, other)):
+        with column:
+            st.subheader(shown.name)
+            if layer in shown.layers and shown.has_section(layer, section):
+                body(shown, layer)
+            else:
+                st.info(f"{shown.name} has no {section} results for layer {layer}.")

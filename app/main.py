@@ -13,6 +13,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from app import loaders  # noqa: E402
+from app.common import linked_select  # noqa: E402
 
 PAGES = [
     ("pages/overview.py", "Overview", "overview", ":material/monitoring:"),
@@ -23,7 +24,19 @@ PAGES = [
     ("pages/rotation.py", "Rotation", "rotation", ":material/rotate_right:"),
     ("pages/variants.py", "Variants", "variants", ":material/compare:"),
     ("pages/prediction.py", "Predicting classes", "prediction", ":material/table_chart:"),
+    ("pages/search.py", "Search units", "search", ":material/search:"),
 ]
+
+
+def pick(label: str, paths: list[str], labels: dict, param: str, key: str, optional: bool = False) -> str | None:
+    """A sidebar store picker bound to query parameter ``param``: the link names a store by its file stem only, and
+    only stores listed in the store directory can be chosen, so no path from the browser reaches the file system."""
+    wanted = st.query_params.get(param)
+    if wanted and wanted not in {Path(p).stem for p in paths}:
+        st.sidebar.warning(f"No store named {wanted[:80]!r} in the store directory; showing another.")
+    options = ([None] if optional else []) + paths
+    return linked_select(label, options, param, key, text=lambda p: Path(p).stem, container=st.sidebar,
+                         format_func=lambda p: "none" if p is None else labels[p])
 
 
 def store_picker() -> None:
@@ -36,12 +49,10 @@ def store_picker() -> None:
         return
     labels = dict(stores)
     paths = list(labels)
-    wanted = st.query_params.get("store")
-    by_name = {Path(p).stem: p for p in paths}
-    default = paths.index(by_name[wanted]) if wanted in by_name else 0
-    chosen = st.sidebar.selectbox("Store", paths, index=default, format_func=lambda p: labels[p], key="store_select")
+    chosen = pick("Store", paths, labels, "store", "store_select")
     st.session_state["store_path"] = chosen
-    st.query_params["store"] = Path(chosen).stem
+    st.session_state["compare_path"] = pick("Compare with", [p for p in paths if p != chosen], labels, "compare",
+                                            "compare_select", optional=True)
     try:
         info = loaders.reader(Path(chosen))
     except Exception as error:  # shown, never raised: the picker must survive any file in the directory

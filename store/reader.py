@@ -146,13 +146,16 @@ class StoreReader:
 
 
 def list_stores(directory) -> list[Path]:
-    """Finished stores in a directory, newest first. Temporary and hidden files (runs in progress) are skipped."""
-    directory = Path(directory)
+    """Finished stores in a directory, newest first. Temporary and hidden files (runs in progress) are skipped, and so
+    are links that lead out of the directory: a reader of this listing never opens a file outside it."""
+    directory = Path(directory).resolve()
     if not directory.is_dir():
         return []
     found = {}
     for path in directory.glob("*" + SUFFIX):
         if path.name.startswith(".") or path.name.endswith(PARTIAL_SUFFIX):
+            continue
+        if path.resolve().parent != directory:
             continue
         try:  # a store deleted between the listing and the stat is simply not listed
             found[path] = path.stat().st_mtime

@@ -3,33 +3,14 @@ the detectors listed by concept, as in Network Dissection's summaries."""
 
 from __future__ import annotations
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import choose_layer, current_store, guarded
+from app.common import chart_downloads, choose_layer, current_store, guarded, side_by_side, table
 from app.unit_sections import section_attrs
-
-
-def detector_frame(best: np.ndarray, best_iou: np.ndarray, names, categories, threshold: float) -> pd.DataFrame:
-    """One row per detector unit (best-concept IoU above ``threshold``): unit, concept, category, IoU."""
-    units = np.flatnonzero(best_iou > threshold)
-    return pd.DataFrame({"unit": units, "concept": [str(names[best[u]]) for u in units],
-                         "category": [str(categories[best[u]]) for u in units], "IoU": best_iou[units]})
-
-
-def concept_table(detectors: pd.DataFrame) -> pd.DataFrame:
-    """Detectors grouped by concept: how many units, which ones (best IoU first), their best IoU."""
-    if detectors.empty:
-        return pd.DataFrame(columns=["concept", "category", "units", "unit list", "best IoU"])
-    rows = []
-    for (concept, category), group in detectors.groupby(["concept", "category"], sort=False):
-        ranked = group.sort_values("IoU", ascending=False)
-        rows.append({"concept": concept, "category": category, "units": len(group),
-                     "unit list": ", ".join(str(u) for u in ranked["unit"]), "best IoU": float(ranked["IoU"].iloc[0])})
-    return pd.DataFrame(rows).sort_values(["units", "best IoU"], ascending=False, ignore_index=True)
+from figures.dissection import concept_table, counts_chart, detector_frame
 
 
 def layer_counts(store, threshold: float) -> pd.DataFrame:
@@ -47,26 +28,46 @@ def layer_counts(store, threshold: float) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["layer", "category", "units"])
 
 
-def counts_chart(counts: pd.DataFrame, layers: list[str]) -> alt.Chart:
-    return alt.Chart(counts).mark_bar().encode(
-        x=alt.X("layer:N", sort=layers, title=None),
-        y=alt.Y("units:Q", title="detector units"),
-        color=alt.Color("category:N"),
-        xOffset="category:N",
-        tooltip=["layer", "category", "units"],
-    ).properties(height=300)
-
-
 def open_unit(store, layer: str, detectors: pd.DataFrame) -> None:
     """A picker over the layer's detectors (best IoU first) that jumps to the Unit page."""
     ranked = detectors.sort_values("IoU", ascending=False)
     labels = {int(row.unit): f"unit {row.unit} · {row.concept} ({row.category}) · IoU {row.IoU:.3f}"
               for row in ranked.itertuples()}
     cols = st.columns([3, 1])
-    unit = cols[0].selectbox("Open a detector unit", list(labels), format_func=labels.get, key="dissection_unit")
-    if cols[1].button("Open unit", key="dissection_open") and unit is not None:
-        st.session_state["unit"] = int(unit)
+    unit = cols[0].selectbox("Open a detector unit", list(labels), format_func=labels.get,
+                             key=f"dissection_unit-{store.name}")
+    if cols[1].button("Open unit", key=f"dissection_open-{store.name}") and unit is not None:
         st.switch_page("pages/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
+
+
+def layer_view(store, layer: str, threshold: float) -> None:
+    """Detector counts for every layer of one store, and its chosen layer's detectors grouped by concept."""
+    attrs = section_attrs(store, layer, "dissection")
+    names = loaders.array(store.path, "concepts/names")
+    categories = loaders.array(store.path, "concepts/categories")
+    best = loaders.layer_array(store.path, layer, "dissection", "best_concept")
+    best_iou = loaders.layer_array(store.path, layer, "dissection", "best_iou")
+    detectors = detector_frame(best, best_iou, names, categories, threshold)
+    cols = st.columns(4)
+    cols[0].metric("Units", len(best))
+    cols[1].metric("Detectors", len(detectors), help=f"best-concept IoU above {threshold:.2f}")
+    cols[2].metric("Distinct concepts", detectors["concept"].nunique())
+    cols[3].metric("Median best IoU", f"{float(np.median(best_iou)):.3f}")
+    st.subheader("Detector units per layer, by category")
+    counts = layer_counts(store, threshold)
+    st.altair_chart(counts_chart(counts, store.layers), width="stretch")
+    chart_downloads(counts_chart(counts, store.layers).properties(title=f"{store.name}: detectors (IoU > {threshold})"),
+                    f"{store.name}-detectors", counts)
+    st.caption(f"Threshold T_u: the top {attrs.get('quantile', 0.005)} quantile of each unit over "
+               f"{attrs.get('concept_images', '?')} concept images; a unit is counted under its best concept's "
+               "category.")
+    st.subheader(f"{layer}: units by concept")
+    table(concept_table(detectors), f"{store.name}-{layer}-concepts", hide_index=True,
+          column_config={"best IoU": st.column_config.NumberColumn(format="%.3f")})
+    if detectors.empty:
+        st.info("No unit passes this threshold: lower it to see the closest units.")
+        return
+    open_unit(store, layer, detectors)
 
 
 def render() -> None:
@@ -80,28 +81,7 @@ def render() -> None:
     attrs = section_attrs(store, layer, "dissection")
     threshold = st.slider("IoU threshold for a detector", 0.0, 0.3, float(attrs.get("iou_threshold", 0.04)), 0.01,
                           key="dissection_threshold")
-    names = loaders.array(store.path, "concepts/names")
-    categories = loaders.array(store.path, "concepts/categories")
-    best = loaders.layer_array(store.path, layer, "dissection", "best_concept")
-    best_iou = loaders.layer_array(store.path, layer, "dissection", "best_iou")
-    detectors = detector_frame(best, best_iou, names, categories, threshold)
-    cols = st.columns(4)
-    cols[0].metric("Units", len(best))
-    cols[1].metric("Detectors", len(detectors), help=f"best-concept IoU above {threshold:.2f}")
-    cols[2].metric("Distinct concepts", detectors["concept"].nunique())
-    cols[3].metric("Median best IoU", f"{float(np.median(best_iou)):.3f}")
-    st.subheader("Detector units per layer, by category")
-    st.altair_chart(counts_chart(layer_counts(store, threshold), store.layers), width="stretch")
-    st.caption(f"Threshold T_u: the top {attrs.get('quantile', 0.005)} quantile of each unit over "
-               f"{attrs.get('concept_images', '?')} concept images; a unit is counted under its best concept's "
-               "category.")
-    st.subheader(f"{layer}: units by concept")
-    st.dataframe(concept_table(detectors), hide_index=True,
-                 column_config={"best IoU": st.column_config.NumberColumn(format="%.3f")})
-    if detectors.empty:
-        st.info("No unit passes this threshold: lower it to see the closest units.")
-        return
-    open_unit(store, layer, detectors)
+    side_by_side(store, layer, "dissection", lambda shown, layer: layer_view(shown, layer, threshold))
 
 
 guarded(render)

@@ -14,7 +14,8 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import choose_layer, current_store, guarded
+from app.common import chart_downloads, choose_layer, linked_select, current_store, guarded, side_by_side, table
+from figures.greedy import class_curves, drop_summary, greedy_against_random, selection_bias
 from store import StoreError
 
 LOSERS = 10  # other classes shown as losing most
@@ -59,20 +60,15 @@ def losers_chart(before: np.ndarray, after: np.ndarray, classes: list[str], skip
         tooltip=["class", alt.Tooltip("drop (points):Q", format=".1f")]).properties(height=24 * len(top) + 30)
 
 
-def band_frame(curves: np.ndarray, label: str) -> pd.DataFrame:
-    """Mean over classes and the interquartile band across classes of [K, S+1] drops (points)."""
-    return pd.DataFrame({"units ablated": np.arange(curves.shape[1]), "curve": label,
-                         "mean": 100 * curves.mean(0), "low": 100 * np.percentile(curves, 25, axis=0),
-                         "high": 100 * np.percentile(curves, 75, axis=0)})
-
-
 # -- replay ------------------------------------------------------------------------------------------------------
 def replay(store, layer: str) -> None:
     classes = list(store.classes)
     rows = greedy_array(store, layer, "classes")
     order = greedy_array(store, layer, "order")
     steps = order.shape[1]
-    row = st.selectbox("Class", range(len(rows)), format_func=lambda r: classes[int(rows[r])], key="greedy_class")
+    names = [classes[int(r)] for r in rows]
+    row = linked_select("Class", list(range(len(rows))), "class", "greedy_class", text=names.__getitem__,
+                        format_func=names.__getitem__)
     target = int(rows[row])
     step = st.slider("Units ablated", 0, steps, 0, key="greedy_step")
     class_acc = greedy_array(store, layer, "class_acc", row)
@@ -127,52 +123,29 @@ def replay_chart(store, layer: str, row: int, step: int) -> alt.LayerChart:
 
 # -- Fig. 4 ------------------------------------------------------------------------------------------------------
 def curves(store, layer: str) -> None:
-    classes = list(store.classes)
-    rows = greedy_array(store, layer, "classes")
-    class_acc = greedy_array(store, layer, "class_acc")
-    random = greedy_array(store, layer, "random_class_acc")
-    held = greedy_array(store, layer, "heldout_acc")
-    select = greedy_array(store, layer, "heldout_select_acc")
-    greedy_drop = class_acc[:, :1] - class_acc
-    frames = [band_frame(greedy_drop, "greedy")]
-    if len(random):
-        frames.append(band_frame((random[:, :, :1] - random).mean(0), "random order"))
-    steps = class_acc.shape[1] - 1
-    marks = sorted({n for n in (5, 10) if n < steps} | {steps})
-    summary = {"greedy, in-sample (paper)": 100 * greedy_drop[:, marks].mean(0),
-               "greedy, held-out half": 100 * (held[:, :1] - held)[:, marks].mean(0)}
-    if len(random):
-        summary["random order"] = frames[1]["mean"].to_numpy()[marks]
-    st.dataframe(pd.DataFrame(summary, index=pd.Index(marks, name="units ablated")).astype(float).round(1))
+    """Fig. 4 for one store's layer: the summary at 5 and 10 units, greedy against random, and selection bias."""
+    arrays = {name: greedy_array(store, layer, name) for name in
+              ("classes", "class_acc", "random_class_acc", "heldout_acc", "heldout_select_acc")}
+    marks, summary = drop_summary(arrays["class_acc"], arrays["heldout_acc"], arrays["random_class_acc"])
+    table(pd.DataFrame(summary, index=pd.Index(marks, name="units ablated")).astype(float).round(1),
+          f"{store.name}-{layer}-greedy-summary")
     st.caption("Mean class accuracy drop (points) over the classes run.")
     st.subheader("Mean class accuracy drop: greedy against random order (Fig. 4b)")
-    frame = pd.concat(frames)
-    base = alt.Chart(frame).encode(x=alt.X("units ablated:Q"), color=alt.Color("curve:N"))
-    band = base.mark_area(opacity=0.2).encode(y=alt.Y("low:Q", title="class accuracy drop (points)"), y2="high:Q")
-    line = base.mark_line(point=True).encode(y="mean:Q", tooltip=["curve", "units ablated",
-                                                                  alt.Tooltip("mean:Q", format=".1f")])
-    st.altair_chart((band + line).properties(height=320), width="stretch")
-    st.caption(f"Lines: mean over {len(rows)} classes; bands: 25th to 75th percentile across classes. Random order: "
-               f"mean over {random.shape[0]} seeds per class (seed r of class k: numpy default_rng((r, k))).")
+    chart, frame = greedy_against_random(arrays["class_acc"], arrays["random_class_acc"])
+    st.altair_chart(chart, width="stretch")
+    chart_downloads(chart.properties(title=f"{store.name} {layer}: greedy against random"),
+                    f"{store.name}-{layer}-fig4b", frame)
+    st.caption(f"Lines: mean over {len(arrays['classes'])} classes; bands: 25th to 75th percentile across classes. "
+               f"Random order: mean over {arrays['random_class_acc'].shape[0]} seeds per class (seed r of class k: "
+               "numpy default_rng((r, k))).")
     st.subheader("Selection bias: in-sample against held-out")
-    honest = pd.concat([
-        band_frame(greedy_drop, "chosen and scored on all images (paper)"),
-        band_frame(select[:, :1] - select, "chosen and scored on the even half"),
-        band_frame(held[:, :1] - held, "chosen on the even half, scored on the odd half"),
-    ])
-    st.altair_chart(alt.Chart(honest).mark_line(point=True).encode(
-        x="units ablated:Q", y=alt.Y("mean:Q", title="mean class accuracy drop (points)"),
-        color=alt.Color("curve:N", legend=alt.Legend(orient="bottom", columns=1)),
-        tooltip=["curve", "units ablated", alt.Tooltip("mean:Q", format=".1f")]).properties(height=320),
-        width="stretch")
+    chart, frame = selection_bias(arrays["class_acc"], arrays["heldout_select_acc"], arrays["heldout_acc"])
+    st.altair_chart(chart, width="stretch")
+    chart_downloads(chart, f"{store.name}-{layer}-selection-bias", frame)
     st.subheader("Each class's greedy curve (Fig. 4a)")
-    per_class = pd.DataFrame({"class": np.repeat([classes[int(r)] for r in rows], steps + 1),
-                              "units ablated": np.tile(np.arange(steps + 1), len(rows)),
-                              "accuracy (%)": 100 * class_acc.ravel()})
-    st.altair_chart(alt.Chart(per_class).mark_line(opacity=0.6).encode(
-        x="units ablated:Q", y="accuracy (%):Q", color=alt.Color("class:N", legend=None),
-        tooltip=["class", "units ablated", alt.Tooltip("accuracy (%):Q", format=".1f")]).properties(height=320),
-        width="stretch")
+    chart, frame = class_curves(arrays["class_acc"], [store.classes[int(r)] for r in arrays["classes"]])
+    st.altair_chart(chart, width="stretch")
+    chart_downloads(chart, f"{store.name}-{layer}-fig4a", frame)
 
 
 # -- live --------------------------------------------------------------------------------------------------------
@@ -363,7 +336,7 @@ def render() -> None:
             replay(store, layer)
     with curves_tab:
         if layer is not None:
-            curves(store, layer)
+            side_by_side(store, layer, "greedy", curves)
         else:
             st.caption("Needs the greedy results (see the first tab).")
     with live_tab:

@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import altair as alt
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import choose_layer, current_store, guarded
+from app.common import chart_downloads, choose_layer, current_store, guarded, side_by_side
+from figures.overview import curve_chart, curve_frame, median_ratio
 
 
-def curve_frame(class_drop: np.ndarray, overall: np.ndarray) -> pd.DataFrame:
-    """Long table of the three curves over units ranked by max class drop (drops in percentage points)."""
+def layer_view(store, layer: str) -> None:
+    """Fig. 3 for one store's layer, with its headline numbers; a click on a point opens that unit."""
+    class_drop = loaders.layer_array(store.path, layer, "ablation", "class_drop")
+    overall = loaders.layer_array(store.path, layer, "ablation", "overall_drop")
+    base = loaders.layer_array(store.path, layer, "ablation", "baseline_class_acc")
     max_drop = class_drop.max(1)
-    order = np.argsort(-max_drop, kind="stable")
-    rank = np.arange(len(order))
-    series = {"max class drop": max_drop[order], "overall drop": overall[order], "min class drop": class_drop.min(1)[order]}
-    frames = [pd.DataFrame({"rank": rank, "unit": order, "curve": name, "drop (%)": 100 * values})
-              for name, values in series.items()]
-    return pd.concat(frames, ignore_index=True)
+    ratio = median_ratio(class_drop, overall, store.attrs.get("num_images", 1))
+    cols = st.columns(4)
+    cols[0].metric("Units", len(overall))
+    cols[1].metric("Baseline accuracy", f"{100 * float(np.mean(base)):.1f}%")
+    cols[2].metric("Median max class drop", f"{100 * np.median(max_drop):.1f} pts")
+    cols[3].metric("Median overall drop", f"{100 * np.median(overall):.2f} pts",
+                   help="Max class drop is typically many times the overall drop: "
+                        f"median ratio {ratio:.1f}x in this layer")
+    frame = curve_frame(class_drop, overall)
+    pick = alt.selection_point(fields=["unit"], name="pick", on="click")
+    event = st.altair_chart(curve_chart(frame, pick=pick), width="stretch", on_select="rerun",
+                            key=f"overview-{store.name}-{layer}")
+    chart_downloads(curve_chart(frame, title=f"{store.name} {layer}"), f"{store.name}-{layer}-fig3", frame)
+    picked = (event or {}).get("selection", {}).get("pick")
+    if picked:
+        unit = int(picked[0]["unit"])
+        st.switch_page("pages/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
 
 
 def render() -> None:
@@ -30,32 +44,7 @@ def render() -> None:
     layer = choose_layer(store, "ablation")
     if layer is None:
         return
-    class_drop = loaders.layer_array(store.path, layer, "ablation", "class_drop")
-    overall = loaders.layer_array(store.path, layer, "ablation", "overall_drop")
-    base = loaders.layer_array(store.path, layer, "ablation", "baseline_class_acc")
-    max_drop = class_drop.max(1)
-    ratio = np.median(max_drop / np.maximum(np.abs(overall), 1.0 / max(1, store.attrs.get("num_images", 1))))
-    cols = st.columns(4)
-    cols[0].metric("Units", len(overall))
-    cols[1].metric("Baseline accuracy", f"{100 * float(np.mean(base)):.1f}%")
-    cols[2].metric("Median max class drop", f"{100 * np.median(max_drop):.1f} pts")
-    cols[3].metric("Median overall drop", f"{100 * np.median(overall):.2f} pts",
-                   help="Max class drop is typically many times the overall drop: "
-                        f"median ratio {ratio:.1f}x in this layer")
-    frame = curve_frame(class_drop, overall)
-    pick = alt.selection_point(fields=["unit"], name="pick", on="click")
-    chart = (alt.Chart(frame).mark_line(point=alt.OverlayMarkDef(size=25)).encode(
-        x=alt.X("rank:Q", title="units sorted by max class drop"),
-        y=alt.Y("drop (%):Q", title="accuracy drop (points)"),
-        color=alt.Color("curve:N", sort=["max class drop", "overall drop", "min class drop"]),
-        tooltip=["unit:Q", "curve:N", alt.Tooltip("drop (%):Q", format=".2f")],
-    ).add_params(pick).properties(height=380))
-    event = st.altair_chart(chart, use_container_width=True, on_select="rerun", key=f"overview-{layer}")
-    picked = (event or {}).get("selection", {}).get("pick") if isinstance(event, dict) or hasattr(event, "get") else None
-    if picked:
-        unit = int(picked[0]["unit"])
-        st.session_state["unit"] = unit
-        st.switch_page("pages/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
+    side_by_side(store, layer, "ablation", layer_view)
     st.caption("Click a point to open that unit. Drops are baseline minus ablated accuracy on the validation set.")
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import altair as alt
-import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import current_store, guarded
+from app.common import chart_downloads, current_store, guarded
+from app.common import table as show
+from figures.prediction import accuracy_chart, table_frame
 from compute import predict
 from compute.errors import UserError
 
@@ -30,30 +30,6 @@ def stored_table(store, layer: str) -> dict:
     return predict.read_table(arrays, store.read_attrs(group), layer)
 
 
-def table_frame(table: dict) -> pd.DataFrame:
-    level = int(round(100 * table.get("confidence", predict.CONFIDENCE)))
-    return pd.DataFrame([{"attribute": row["attribute"], "accuracy (%)": 100 * row["accuracy"],
-                          f"{level}% CI low (%)": 100 * row["ci"][0], f"{level}% CI high (%)": 100 * row["ci"][1],
-                          "correct": row["correct"], "test units": row["n_test"]} for row in table["rows"]])
-
-
-def accuracy_chart(table: dict) -> alt.LayerChart:
-    """Accuracy per attribute with its interval, against the two chance levels."""
-    frame = pd.DataFrame([{"attribute": r["attribute"], "accuracy": 100 * r["accuracy"], "low": 100 * r["ci"][0],
-                           "high": 100 * r["ci"][1]} for r in table["rows"]])
-    chance = pd.DataFrame({"level": ["most frequent class", "uniform guess"],
-                           "accuracy": [100 * table["chance_majority"], 100 * table["chance_uniform"]]})
-    order = list(frame["attribute"])
-    bars = alt.Chart(frame).mark_bar(color="#4c78a8").encode(
-        x=alt.X("attribute:N", sort=order, title=None), y=alt.Y("accuracy:Q", title="test accuracy (%)"),
-        tooltip=["attribute:N", alt.Tooltip("accuracy:Q", format=".1f")])
-    errors = alt.Chart(frame).mark_errorbar(ticks=True).encode(
-        x=alt.X("attribute:N", sort=order), y=alt.Y("low:Q", title="test accuracy (%)"), y2="high:Q")
-    rules = alt.Chart(chance).mark_rule(strokeDash=[5, 3]).encode(
-        y="accuracy:Q", color=alt.Color("level:N", title="chance"))
-    return (bars + errors + rules).properties(height=320)
-
-
 def show_table(table: dict) -> None:
     cols = st.columns(4)
     best = max(table["rows"], key=lambda row: row["accuracy"])
@@ -62,10 +38,11 @@ def show_table(table: dict) -> None:
     cols[2].metric("Chance (uniform guess)", f"{100 * table['chance_uniform']:.1f}%",
                    help="1/K, a little more where several classes tie for a unit's largest drop")
     cols[3].metric("Units train / test", f"{table['n_train']} / {table['n_test']}")
-    st.altair_chart(accuracy_chart(table), width="stretch")
-    st.dataframe(table_frame(table), hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in table_frame(table).columns
-                                if "%" in c})
+    chart, frame = accuracy_chart(table), table_frame(table)
+    st.altair_chart(chart, width="stretch")
+    chart_downloads(chart, f"table1-{table['layer']}")
+    show(frame, f"table1-{table['layer']}", hide_index=True, width="stretch",
+         column_config={c: st.column_config.NumberColumn(format="%.1f") for c in frame.columns if "%" in c})
     skipped = sum(table["unlabelled"].values())
     st.caption(f"Layer {table['layer']}. Trained on {', '.join(table['train_stores'])}; tested on "
                f"{', '.join(table['test_stores'])}. Label: the class with the largest drop when the unit is ablated; "

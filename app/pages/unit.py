@@ -8,21 +8,42 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import choose_layer, current_store, guarded
+from app.common import chart_downloads, choose_layer, current_store, from_link, guarded, linked_select, table, to_link
 
 TOP_CLASSES = 25
 
 
 def choose_unit(units: int) -> int:
-    wanted = st.query_params.get("unit", st.session_state.get("unit", 0))
-    try:
-        default = min(max(int(wanted), 0), units - 1)
-    except (TypeError, ValueError):
-        default = 0
-    unit = int(st.number_input("Unit", min_value=0, max_value=units - 1, value=default, step=1))
-    st.query_params["unit"] = str(unit)
-    st.session_state["unit"] = unit
+    from_link("unit", "unit", lambda text: min(max(int(text), 0), units - 1))
+    if st.session_state.get("unit", 0) >= units:
+        st.session_state["unit"] = units - 1  # kept from a wider layer
+    unit = int(st.number_input("Unit", min_value=0, max_value=units - 1, step=1, key="unit",
+                               **({} if "unit" in st.session_state else {"value": 0})))
+    to_link("unit", "unit", str(unit))
     return unit
+
+
+def choose_class(classes: list[str], class_drop: np.ndarray) -> int | None:
+    """An optional class to look at (query parameter ``class``): its drop and its rank among the unit's classes."""
+    name = linked_select("Class", [""] + classes, "class", "unit_class", format_func=lambda c: c or "none picked")
+    if not name:
+        return None
+    index = classes.index(name)
+    rank = int((class_drop > class_drop[index]).sum()) + 1
+    st.metric(f"Drop for {name}", f"{100 * class_drop[index]:.1f} pts", help=f"rank {rank} of {len(classes)} classes")
+    return index
+
+
+def drop_chart(frame: pd.DataFrame, focus: str | None) -> alt.Chart:
+    """Bars of class accuracy drops in ``frame`` order; the focused class outlined."""
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("class:N", sort=alt.EncodingSortField("rank"), title=None),
+        y=alt.Y("drop (%):Q", title="class accuracy drop (points)"),
+        color=alt.condition(alt.datum["drop (%)"] > 0, alt.value("#c0392b"), alt.value("#2e86c1")),
+        stroke=alt.condition(alt.datum["class"] == (focus or ""), alt.value("black"), alt.value(None)),
+        strokeWidth=alt.value(2),
+        tooltip=["class", alt.Tooltip("drop (%):Q", format=".1f")],
+    ).properties(height=320)
 
 
 def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tuple[str, str]]:
@@ -58,22 +79,23 @@ def render() -> None:
     cols[0].metric("Overall accuracy drop", f"{100 * overall:.2f} pts")
     cols[1].metric("Max class drop", f"{100 * class_drop[worst]:.1f} pts", help=f"class {classes[worst]}")
     cols[2].metric("Classes hurt by ≥ 5 pts", int((class_drop >= 0.05).sum()))
+    focus = choose_class(classes, class_drop)
     order = np.argsort(-class_drop, kind="stable")
     shown = np.concatenate([order[:TOP_CLASSES], order[-5:]]) if len(order) > TOP_CLASSES + 5 else order
+    if focus is not None and focus not in shown:
+        shown = np.append(shown, focus)
     frame = pd.DataFrame({"class": [classes[i] for i in shown], "drop (%)": 100 * class_drop[shown],
                           "rank": np.arange(len(shown))})
-    chart = alt.Chart(frame).mark_bar().encode(
-        x=alt.X("class:N", sort=alt.EncodingSortField("rank"), title=None),
-        y=alt.Y("drop (%):Q", title="class accuracy drop (points)"),
-        color=alt.condition(alt.datum["drop (%)"] > 0, alt.value("#c0392b"), alt.value("#2e86c1")),
-        tooltip=["class", alt.Tooltip("drop (%):Q", format=".1f")],
-    ).properties(height=320)
     st.subheader("Classes sorted by accuracy drop when this unit is removed")
-    st.altair_chart(chart, use_container_width=True)
+    st.altair_chart(drop_chart(frame, None if focus is None else classes[focus]), width="stretch")
+    everything = pd.DataFrame({"class": classes, "drop (%)": 100 * class_drop})
+    chart_downloads(drop_chart(frame, None).properties(title=f"{store.name} {layer} unit {unit}"),
+                    f"{store.name}-{layer}-unit{unit}-class-drops", everything)
     rows = attribute_rows(store, layer, unit, classes)
     if rows:
         st.subheader("Attributes")
-        st.table(pd.DataFrame(rows, columns=["attribute", "value"]).set_index("attribute"))
+        table(pd.DataFrame(rows, columns=["attribute", "value"]), f"{store.name}-{layer}-unit{unit}-attributes",
+              hide_index=True)
     from app.unit_sections import SECTIONS
 
     for section in SECTIONS:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import current_store, guarded
+from app.common import chart_downloads, current_store, guarded, table
+from figures.variants import detector_chart, max_drop_chart, sorted_max_drops
 from store import StoreError
 
 DEFAULT_SET = ("demo", "demo-bn", "demo-dropout")
@@ -47,16 +47,9 @@ def store_layers(stores: dict) -> list[str]:
 
 
 def max_drop_frame(stores: dict, layers: list[str]) -> pd.DataFrame:
-    """Long table: store, layer, rank, max class drop (points), units sorted largest first per store and layer."""
-    frames = []
-    for name, store in stores.items():
-        for layer in layers:
-            if not store.has_section(layer, "ablation"):
-                continue
-            drop = -np.sort(-loaders.layer_array(store.path, layer, "ablation", "class_drop").max(1)) * 100
-            frames.append(pd.DataFrame({"store": name, "layer": layer, "rank": np.arange(len(drop)),
-                                        "max class drop": drop}))
-    return pd.concat(frames, ignore_index=True)
+    return sorted_max_drops({(name, layer): loaders.layer_array(store.path, layer, "ablation", "class_drop")
+                             for name, store in stores.items() for layer in layers
+                             if store.has_section(layer, "ablation")})
 
 
 def summary_table(stores: dict, frame: pd.DataFrame) -> pd.DataFrame:
@@ -108,16 +101,10 @@ def render() -> None:
         first.require(first.layers[0] if first.layers else "?", "ablation")
     frame = max_drop_frame(stores, layers)
     st.subheader("Max class drop of single units, sorted (Fig. 8)")
-    chart = alt.Chart(frame).mark_line().encode(
-        x=alt.X("rank:Q", title="units sorted by max class drop"),
-        y=alt.Y("max class drop:Q", title="max class accuracy drop (points)"),
-        color=alt.Color("store:N", sort=list(stores)),
-        tooltip=["store:N", "layer:N", "rank:Q", alt.Tooltip("max class drop:Q", format=".2f")],
-    ).properties(height=300, width=300).facet(column=alt.Column("layer:N", sort=layers, title=None)).resolve_scale(
-        x="independent")
+    chart = max_drop_chart(frame, list(stores), layers)
     st.altair_chart(chart)
-    table = summary_table(stores, frame)
-    st.dataframe(table, hide_index=True, column_config={
+    chart_downloads(chart, "variants-fig8", frame)
+    table(summary_table(stores, frame), "variants-summary", hide_index=True, column_config={
         name: st.column_config.NumberColumn(format="%.2f")
         for name in ("val accuracy (%)", "median max class drop", "mean max class drop")})
     st.caption("A flatter curve (lower maximum, higher tail) means class information is spread over more units: "
@@ -127,12 +114,11 @@ def render() -> None:
                                 value=default_threshold(stores), step=0.01, format="%.2f")
     counts, missing = detector_counts(stores, layers, threshold)
     if len(counts):
-        st.altair_chart(alt.Chart(counts).mark_bar().encode(
-            x=alt.X("store:N", sort=list(stores), title=None), y=alt.Y("detectors:Q", title="units above threshold"),
-            color=alt.Color("store:N", sort=list(stores), legend=None), column=alt.Column("layer:N", sort=layers),
-            tooltip=["store:N", "layer:N", "detectors:Q", "units:Q"]).properties(width=160, height=260))
-        st.dataframe(counts.pivot(index="store", columns="layer", values="detectors").reindex(columns=[
-            layer for layer in layers if layer in set(counts["layer"])]))
+        chart = detector_chart(counts, list(stores), layers)
+        st.altair_chart(chart)
+        chart_downloads(chart, f"variants-fig9-iou{threshold:.2f}", counts)
+        table(counts.pivot(index="store", columns="layer", values="detectors").reindex(columns=[
+            layer for layer in layers if layer in set(counts["layer"])]), "variants-detectors")
     for message in missing:
         st.warning(message)
 

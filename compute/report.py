@@ -1,0 +1,197 @@
+"""The paper's figures for one or more stores as image files, for papers and slides.
+
+    python -m compute.report STORE [STORE ...] [--out DIR] [--format png|svg] [--layers conv4 conv5]
+
+STORE is a store file or the name of one in the store directory. Each figure comes with a CSV of the numbers it draws,
+and the charts are the ones the app shows (``figures/``), rendered without a browser. With several stores, the
+variants comparison (Figs. 8 and 9) is written too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from compute import paths
+from compute.errors import UserError, run_cli
+from figures import FORMATS, render
+from figures import attributes as fig5
+from figures import dissection, greedy, overview, prediction, rotation, variants
+from store import StoreError, StoreReader
+
+DETECTOR_IOU = 0.04
+
+
+def resolve(name: str, store_dir: Path) -> StoreReader:
+    """A store given as a path or as a name in the store directory, opened (one-line error if it cannot be)."""
+    candidates = [Path(name), store_dir / name, store_dir / f"{name}.h5"]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise UserError(f"no store {name!r} (looked for it as a file and in {store_dir}): give a store file or the "
+                        "name of one that `python -m compute.all` wrote")
+    try:
+        return StoreReader(found)
+    except StoreError as error:
+        raise UserError(str(error)) from None
+
+
+class Report:
+    """Writes figures (image + CSV of their numbers) under one directory and remembers what it wrote."""
+
+    def __init__(self, out: Path, fmt: str):
+        self.out, self.fmt, self.written = out, fmt, []
+        out.mkdir(parents=True, exist_ok=True)
+
+    def figure(self, name: str, chart, numbers: pd.DataFrame | None = None) -> None:
+        path = self.out / f"{name}.{self.fmt}"
+        path.write_bytes(render(chart, self.fmt))
+        self.written.append(path)
+        if numbers is not None:
+            self.table(name, numbers)
+
+    def table(self, name: str, numbers: pd.DataFrame, index: bool = False) -> None:
+        path = self.out / f"{name}.csv"
+        numbers.to_csv(path, index=index)
+        self.written.append(path)
+
+
+def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
+    """Every per-layer figure the store has the sections for."""
+    from compute.relations import CONFIDENCE, TARGETS, drop_targets, relation_table, scalar_attributes
+
+    title = f"{store.name} {layer}"
+    drop = store.layer(layer, "ablation", "class_drop")
+    overall = store.layer(layer, "ablation", "overall_drop")
+    frame = overview.curve_frame(drop, overall)
+    report.figure(f"fig3-{layer}", overview.curve_chart(frame, title=title), frame)
+    if store.has_section(layer, "attributes"):
+        read = _reader(store, layer)
+        attributes, targets = scalar_attributes(read), drop_targets(read)
+        table = (_stored_relations(store, layer) if store.has(f"layers/{layer}/relations/pearson_r")
+                 else relation_table(attributes, targets, n_resamples=0))
+        units = fig5.unit_frame(attributes, targets, drop, list(store.classes))
+        shown = [name for name in attributes if name in list(table["attributes"])]
+        report.figure(f"fig5-{layer}", fig5.scatter_grid(units, shown, [name for name, *_ in TARGETS], table,
+                                                         interactive=False), units)
+        report.table(f"fig5-{layer}-coefficients", fig5.coefficient_frame(table, CONFIDENCE))
+    if store.has_section(layer, "greedy"):
+        acc = {name: store.layer(layer, "greedy", name) for name in
+               ("classes", "class_acc", "random_class_acc", "heldout_acc", "heldout_select_acc")}
+        chart, numbers = greedy.greedy_against_random(acc["class_acc"], acc["random_class_acc"])
+        report.figure(f"fig4b-{layer}", chart.properties(title=f"{title}: greedy against random order"), numbers)
+        chart, numbers = greedy.class_curves(acc["class_acc"], [store.classes[int(k)] for k in acc["classes"]])
+        report.figure(f"fig4a-{layer}", chart.properties(title=f"{title}: greedy ablation per class"), numbers)
+        marks, summary = greedy.drop_summary(acc["class_acc"], acc["heldout_acc"], acc["random_class_acc"])
+        report.table(f"fig4-{layer}-summary", pd.DataFrame(summary, index=pd.Index(marks, name="units ablated")),
+                     index=True)
+    if store.has_section(layer, "rotation"):
+        curves = rotation.curves(drop, overall, store.layer(layer, "rotation", "class_drop"),
+                                 store.layer(layer, "rotation", "overall_drop"))
+        for name, values in curves.items():
+            numbers = pd.concat([rotation.sorted_band(v).assign(kind=kind) for kind, v in values.items()])
+            report.figure(f"fig7-{layer}-{name.replace(' ', '-')}",
+                          rotation.curve_chart(values, name).properties(title=f"{title}: {name}"), numbers)
+    if store.has(f"prediction/{layer}/accuracy"):
+        from compute.predict import read_table
+
+        group = f"prediction/{layer}"
+        arrays = {name: store.read(f"{group}/{name}") for name in ("attributes", "accuracy", "ci", "correct", "n_test")}
+        table = read_table(arrays, store.read_attrs(group), layer)
+        report.figure(f"table1-{layer}", prediction.accuracy_chart(table), prediction.table_frame(table))
+
+
+def _reader(store: StoreReader, layer: str):
+    def read(section: str, name: str):
+        path = f"layers/{layer}/{section}/{name}"
+        return store.read(path) if store.has(path) else None
+    return read
+
+
+def _stored_relations(store: StoreReader, layer: str) -> dict:
+    names = ("attributes", "targets", "pearson_r", "pearson_p", "pearson_ci", "spearman_r", "spearman_p", "spearman_ci")
+    return {name: store.layer(layer, "relations", name) for name in names}
+
+
+def detector_figure(report: Report, store: StoreReader, layers: list[str], threshold: float) -> None:
+    names, categories = store.read("concepts/names"), store.read("concepts/categories")
+    frames = []
+    for layer in layers:
+        found = dissection.detector_frame(store.layer(layer, "dissection", "best_concept"),
+                                          store.layer(layer, "dissection", "best_iou"), names, categories, threshold)
+        counts = found.groupby("category").size()
+        frames.append(pd.DataFrame({"layer": layer, "category": counts.index, "units": counts.values}))
+        report.table(f"dissection-{layer}-concepts", dissection.concept_table(found))
+    counts = pd.concat(frames, ignore_index=True)
+    report.figure("dissection-detectors", dissection.counts_chart(counts, layers).properties(
+        title=f"{store.name}: detector units (IoU > {threshold})"), counts)
+
+
+def store_report(store: StoreReader, out: Path, fmt: str, layers: list[str] | None, threshold: float) -> Report:
+    report = Report(out, fmt)
+    chosen = [layer for layer in store.layers if store.has_section(layer, "ablation")
+              and (not layers or layer in layers)]
+    if not chosen:
+        raise UserError(f"{store.name} has no ablation results for {', '.join(layers) if layers else 'any layer'}: "
+                        f"its layers are {', '.join(store.layers) or 'none'}")
+    from tqdm import tqdm
+
+    for layer in tqdm(chosen, desc=f"figures for {store.name}", unit="layer"):
+        layer_figures(report, store, layer)
+    dissected = [layer for layer in chosen if store.has_section(layer, "dissection")]
+    if dissected:
+        detector_figure(report, store, dissected, threshold)
+    return report
+
+
+def variants_report(stores: list[StoreReader], out: Path, fmt: str, layers: list[str] | None,
+                    threshold: float) -> Report:
+    """Figs. 8 and 9 over the stores' shared ablated (and dissected) layers."""
+    report = Report(out, fmt)
+    names = [store.name for store in stores]
+    layers = [layer for layer in stores[0].layers if all(s.has_section(layer, "ablation") for s in stores)
+              and (not layers or layer in layers)]
+    if not layers:
+        raise UserError(f"the stores {', '.join(names)} share no ablated layer to compare")
+    frame = variants.sorted_max_drops({(s.name, layer): s.layer(layer, "ablation", "class_drop")
+                                       for s in stores for layer in layers})
+    report.figure("fig8-variants", variants.max_drop_chart(frame, names, layers), frame)
+    rows = [{"store": s.name, "layer": layer, "units": len(iou), "detectors": int((iou > threshold).sum())}
+            for s in stores for layer in layers if s.has_section(layer, "dissection")
+            for iou in [s.layer(layer, "dissection", "best_iou")]]
+    if rows:
+        report.figure("fig9-variants", variants.detector_chart(pd.DataFrame(rows), names, layers), pd.DataFrame(rows))
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compute.report", description=__doc__.splitlines()[0])
+    parser.add_argument("stores", nargs="+", metavar="STORE", help="store files, or names in the store directory")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="directory for the figures (default ./reports)")
+    parser.add_argument("--format", choices=FORMATS, default="png")
+    parser.add_argument("--layers", nargs="+", help="only these layers (default: every ablated layer)")
+    parser.add_argument("--iou-threshold", type=float, default=DETECTOR_IOU, help="best-concept IoU of a detector")
+    parser.add_argument("--store-dir", help="where store names are looked up (default: $UNIT_ABLATION_STORES or "
+                                            "<data dir>/stores)")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args(argv)
+    store_dir = paths.store_dir(args.store_dir, args.data_dir)
+    stores = [resolve(name, store_dir) for name in args.stores]
+    written = []
+    try:
+        for store in stores:
+            written += store_report(store, args.out / store.name, args.format, args.layers,
+                                    args.iou_threshold).written
+        if len(stores) > 1:
+            written += variants_report(stores, args.out / "variants", args.format, args.layers,
+                                       args.iou_threshold).written
+    except StoreError as error:
+        raise UserError(str(error)) from None
+    images = sum(path.suffix == f".{args.format}" for path in written)
+    print(f"wrote {images} figures and {len(written) - images} CSV files under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,36 @@
+"""Network Dissection summaries: detector units (best-concept IoU above a threshold) by concept, layer and category."""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+
+def detector_frame(best: np.ndarray, best_iou: np.ndarray, names, categories, threshold: float) -> pd.DataFrame:
+    """One row per detector unit (best-concept IoU above ``threshold``): unit, concept, category, IoU."""
+    units = np.flatnonzero(best_iou > threshold)
+    return pd.DataFrame({"unit": units, "concept": [str(names[best[u]]) for u in units],
+                         "category": [str(categories[best[u]]) for u in units], "IoU": best_iou[units]})
+
+
+def concept_table(detectors: pd.DataFrame) -> pd.DataFrame:
+    """Detectors grouped by concept: how many units, which ones (best IoU first), their best IoU."""
+    if detectors.empty:
+        return pd.DataFrame(columns=["concept", "category", "units", "unit list", "best IoU"])
+    rows = []
+    for (concept, category), group in detectors.groupby(["concept", "category"], sort=False):
+        ranked = group.sort_values("IoU", ascending=False)
+        rows.append({"concept": concept, "category": category, "units": len(group),
+                     "unit list": ", ".join(str(u) for u in ranked["unit"]), "best IoU": float(ranked["IoU"].iloc[0])})
+    return pd.DataFrame(rows).sort_values(["units", "best IoU"], ascending=False, ignore_index=True)
+
+
+def counts_chart(counts: pd.DataFrame, layers: list[str]) -> alt.Chart:
+    return alt.Chart(counts).mark_bar().encode(
+        x=alt.X("layer:N", sort=layers, title=None),
+        y=alt.Y("units:Q", title="detector units"),
+        color=alt.Color("category:N"),
+        xOffset="category:N",
+        tooltip=["layer", "category", "units"],
+    ).properties(height=300)
