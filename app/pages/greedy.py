@@ -295,6 +295,10 @@ def live(store) -> None:
             st.warning(str(error))
         return
     layer = st.selectbox("Layer (layers with live data)", layers, index=len(layers) - 1, key="live_layer")
+    size = int(np.prod(store.shape(f"layers/{layer}/live/acts"))) * 4
+    if not st.toggle(f"Load {layer}'s activations for live work ({size / 2**20:,.0f} MB in memory)", key="live_on",
+                     help="Held by the app process while any session uses them; only loaded when asked for."):
+        return
     session = session_for(store, layer)
     request = live_request(store, session)
     run_col, stop_col, more_col = st.columns(3)
