@@ -39,7 +39,8 @@ def reader(path: Path) -> StoreReader:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _array(path: str, stamp: float, dataset: str, selection) -> np.ndarray:
-    return StoreReader(path).read(dataset, selection if selection is not None else ())
+    # the cached reader's table of contents, not a fresh walk of the file's (a unit change reads a dozen datasets)
+    return _reader(path, stamp).read(dataset, selection if selection is not None else ())
 
 
 def array(path: Path, dataset: str, selection=None):

@@ -265,7 +265,7 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
 
 LAYER_STAGES = _layer_stages()
 # Stages whose work is shared out between torchrun ranks (compute.context.RunContext.run_sharded).
-SHARDED_STAGES = {"activations", "ablation"}
+SHARDED_STAGES = {"activations", "ablation", "dissection", "greedy", "rotation"}
 EXTRA_OPTIONS: list = [_analysis_options]
 
 if __name__ == "__main__":

@@ -70,11 +70,12 @@ class RunContext:
     def units(self, layer: str) -> int:
         return int(self.unit_weight(layer).shape[0])
 
-    def run_sharded(self, stage: str, items: int, compute, combine):
+    def run_sharded(self, stage: str, items: int, compute, combine, everywhere: bool = False):
         """Split ``items`` over the ranks; return ``combine([(indices, arrays), ...])`` on rank 0, None elsewhere.
 
         ``compute(indices) -> dict of numpy arrays`` does this rank's share. With several ranks each share is kept as
         a part of the run (``<stage>/shard-r-of-w``), so a rerun after a failure recomputes only missing shares.
+        ``everywhere``: every rank combines the shares and gets the result (a pass whose result the next pass needs).
         """
         if not self.dist.active:
             everything = np.arange(items)
@@ -92,13 +93,19 @@ class RunContext:
                 for name, value in arrays.items():
                     write_array(h5, f"shard/{name}", value)
         self.dist.barrier()
-        if not self.dist.is_main:
+        if not (self.dist.is_main or everywhere):
             return None
         shares = []
         for rank in range(self.dist.world):
             arrays = self.writer.read_part_group(self.shard_stage(stage, rank), "shard")
             shares.append((arrays.pop("indices"), arrays))
         return combine(shares)
+
+    @staticmethod
+    def in_item_order(shares: list, names) -> dict:
+        """The per-item arrays ``names`` of every share (items along axis 0), concatenated back in item order."""
+        order = np.argsort(np.concatenate([indices for indices, _ in shares]), kind="stable")
+        return {name: np.concatenate([arrays[name] for _, arrays in shares])[order] for name in names}
 
     def shard_stage(self, stage: str, rank: int) -> str:
         return f"{stage}/shard-{rank}-of-{self.dist.world}"

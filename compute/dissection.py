@@ -18,6 +18,11 @@ but not centre-cropped, so the segmentation masks keep covering the whole image,
 
 The tally is exact integer pixel counting: per batch, the binarised maps [B, units, pixels] times each image's
 concept coverage [pixels, concepts present] (one matrix product), accumulated in float64.
+
+Under torchrun both passes share the concept images out between the ranks, whole batches each (so every image is
+computed in the batch it has in one process). For the thresholds each rank keeps the exact bounded tail of its
+images (TopQuantile.state) and the tails are merged; the tallies are sums of whole numbers. Either way the combined
+result is the one-process result, value for value.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from compute.sequence import run_to
 from store.writer import write_array
 
 STAGE = "dissection"
+PASSES = ("thresholds", "iou")  # each sharded under torchrun: <stage>/<pass>/shard-r-of-w
 
 
 @dataclass(frozen=True)
@@ -147,9 +153,18 @@ class ConceptSource:
     batch_size: int = 64
     workers: int = 0
 
-    def maps(self, sequence, step: str, table: ConceptTable | None, desc: str):
-        """Yield (activation maps [B, units, h, w] float, encoded labels or Nones) over the whole concept set."""
+    @property
+    def batch_count(self) -> int:
+        return (len(self.broden) + self.batch_size - 1) // self.batch_size
+
+    def maps(self, sequence, step: str, table: ConceptTable | None, desc: str, batches=None):
+        """Yield (activation maps [B, units, h, w] float, encoded labels or Nones) over the concept set's batches
+        (default: all of them)."""
         data = ConceptImages(self.broden, self.preprocess.crop, table)
+        if batches is not None:  # whole batches: the selected images fall into the same batches as in a full pass
+            start = np.asarray(batches, np.int64)[:, None] * self.batch_size
+            images = (start + np.arange(self.batch_size)[None, :]).ravel()
+            data = torch.utils.data.Subset(data, images[images < len(data)].tolist())
         loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.workers,
                                              collate_fn=_collate)
         with tqdm(total=len(data), desc=desc, unit="img", leave=False) as bar:
@@ -159,15 +174,29 @@ class ConceptSource:
                 yield acts.float(), labels
 
 
-def concept_thresholds(sequence, step: str, source: ConceptSource, quantile: float) -> np.ndarray:
-    """T_u per unit: numpy.quantile over all positions of all concept images at 1 - quantile (exact, see quantiles)."""
+def threshold_state(sequence, step: str, source: ConceptSource, quantile: float, batches=None) -> dict:
+    """The bounded tail per unit of these batches' activations (TopQuantile.state), to merge into the thresholds."""
     sketch = None
-    for acts, _ in source.maps(sequence, step, None, desc=f"thresholds {step}"):
+    for acts, _ in source.maps(sequence, step, None, desc=f"thresholds {step}", batches=batches):
         b, units, h, w = acts.shape
         if sketch is None:
             sketch = TopQuantile(units, len(source.broden) * h * w, quantile, acts.device)
         sketch.update(acts.transpose(0, 1).reshape(units, b * h * w))
+    return {"total": np.array(sketch.total), **sketch.state()} if sketch else {"seen": np.array(0)}
+
+
+def merge_thresholds(states: list[dict], quantile: float) -> np.ndarray:
+    """T_u from the tails of parts of the concept set that together cover it (parts without images add nothing)."""
+    states = [state for state in states if int(state["seen"])]
+    sketch = TopQuantile(states[0]["top"].shape[0], int(states[0]["total"]), quantile)
+    for state in states:
+        sketch.merge(state["top"], int(state["seen"]))
     return sketch.result()
+
+
+def concept_thresholds(sequence, step: str, source: ConceptSource, quantile: float) -> np.ndarray:
+    """T_u per unit: numpy.quantile over all positions of all concept images at 1 - quantile (exact, see quantiles)."""
+    return merge_thresholds([threshold_state(sequence, step, source, quantile)], quantile)
 
 
 class IoUTally:
@@ -202,6 +231,18 @@ class IoUTally:
                 self.intersection.index_put_((units[:, None], concepts[None, :]), overlap.double(), accumulate=True)
         self.images += len(labels)
 
+    def state(self) -> dict:
+        """The running sums as numpy arrays: whole numbers, so tallies of parts add up exactly (``merge``)."""
+        return {"intersection": self.intersection.cpu().numpy(), "label_area": self.label_area,
+                "active_area": self.active_area.cpu().numpy(), "images": np.array(self.images)}
+
+    def merge(self, state: dict) -> None:
+        """Add the tally of another part of the concept set."""
+        self.intersection += torch.from_numpy(state["intersection"]).to(self.intersection.device)
+        self.label_area += state["label_area"]
+        self.active_area += torch.from_numpy(state["active_area"]).to(self.active_area.device)
+        self.images += int(state["images"])
+
     def iou(self) -> np.ndarray:
         """IoU [units, concepts] (0 where the union is empty)."""
         intersection = self.intersection.cpu().numpy()
@@ -217,15 +258,22 @@ def _groups_by_shape(labels: list[EncodedLabels]) -> dict[tuple[int, int], list[
     return groups
 
 
-def tally_iou(sequence, step: str, source: ConceptSource, table: ConceptTable, thresholds: np.ndarray) -> IoUTally:
-    """Binarise each upsampled map at its unit's threshold and count overlaps with every concept."""
-    tally = None
-    for acts, labels in source.maps(sequence, step, table, desc=f"IoU {step}"):
-        if tally is None:
-            tally = IoUTally(acts.shape[1], table, acts.device)
-            limits = torch.as_tensor(thresholds, dtype=torch.float32, device=acts.device)
+def tally_iou(sequence, step: str, source: ConceptSource, table: ConceptTable, thresholds: np.ndarray,
+              batches=None) -> IoUTally:
+    """Binarise each upsampled map at its unit's threshold and count overlaps with every concept (over the given
+    batches, default all)."""
+    tally = IoUTally(len(thresholds), table, source.device)
+    limits = torch.as_tensor(thresholds, dtype=torch.float32, device=source.device)
+    for acts, labels in source.maps(sequence, step, table, desc=f"IoU {step}", batches=batches):
         for members in _groups_by_shape(labels).values():
             tally.update(acts[members], limits, [labels[i] for i in members])
+    return tally
+
+
+def merge_tallies(states: list[dict], table: ConceptTable) -> IoUTally:
+    tally = IoUTally(states[0]["intersection"].shape[0], table)
+    for state in states:
+        tally.merge(state)
     return tally
 
 
@@ -280,7 +328,9 @@ def run_stage(ctx, layer: str) -> None:
         raise UserError(f"--quantile {args.quantile} is not a fraction: use e.g. 0.005 (the top 0.5%)")
     source = ConceptSource(BrodenDataset(root), ctx.spec.preprocess, ctx.device, ctx.batch_size,
                            workers=default_workers() if ctx.device.type == "cuda" else 0)
-    result = dissect(ctx.sequence, ctx.step(layer), source, args.quantile)
+    result = _sharded_dissect(ctx, ctx.step(layer), source, args.quantile, f"{STAGE}/{layer}")
+    if result is None:
+        return
     best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
     with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
         write_concepts(h5, result.table)
@@ -293,3 +343,21 @@ def run_stage(ctx, layer: str) -> None:
         h5[group].attrs.update({"iou_threshold": float(args.iou_threshold), "quantile": float(args.quantile),
                                 "concept_images": result.images, "concepts_path": str(root),
                                 "concepts_fingerprint": fingerprint(root)})
+    for name in PASSES:
+        ctx.drop_shards(f"{STAGE}/{layer}/{name}")
+
+
+def _sharded_dissect(ctx, step: str, source: ConceptSource, quantile: float, stage: str) -> Dissection | None:
+    """``dissect`` with both passes' batches shared out between ranks; every rank needs the thresholds for its
+    share of the tally, rank 0 alone gets the result (None elsewhere)."""
+    table = ConceptTable.from_broden(source.broden)
+    first, second = (f"{stage}/{name}" for name in PASSES)
+    thresholds = ctx.run_sharded(
+        first, source.batch_count,
+        lambda batches: threshold_state(ctx.sequence, step, source, quantile, batches),
+        lambda shares: merge_thresholds([state for _, state in shares], quantile), everywhere=True)
+    tally = ctx.run_sharded(
+        second, source.batch_count,
+        lambda batches: tally_iou(ctx.sequence, step, source, table, thresholds, batches).state(),
+        lambda shares: merge_tallies([state for _, state in shares], table))
+    return None if tally is None else Dissection(thresholds, tally.iou(), table, tally.images)

@@ -2,7 +2,7 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; every process runs the same pipeline and
 shards the expensive stages (images of the activation pass, units of the single-unit sweep, directions of the rotation
-baseline, classes of greedy ablation). Each rank writes its shard as a part file of the run; rank 0 waits for all of
+baseline, classes of greedy ablation, concept images of both dissection passes). Each rank writes its shard as a part file of the run; rank 0 waits for all of
 them, combines them in item order and writes the stage, so the store is value for value the one a single process
 writes. Finished shards survive a failed run: rerunning the same command recomputes only the missing ones.
 NCCL on GPUs, gloo on CPUs.

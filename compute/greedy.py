@@ -22,7 +22,9 @@ prefixes: the engine's low-rank update handles many units at once in one large p
 units are all zero on the image are skipped.
 
 The functions below are plain (engine, activations, labels) in, numbers out: the pipeline stage ``greedy/<layer>``
-and the app's live greedy (compute/live_session.py) both use them.
+and the app's live greedy (compute/live_session.py) both use them. Under torchrun the stage shares the classes out
+between the ranks: each class's curves depend on that class alone, and the overall counts of a class's order are
+whole numbers, so the combined stage is the one-process one.
 """
 
 from __future__ import annotations
@@ -248,19 +250,40 @@ def overall_counts(ctx, layer: str, engine, orders: np.ndarray) -> np.ndarray:
     return counts
 
 
-def run_stage(ctx, layer: str) -> None:
+def _shapes(steps: int, seeds: int) -> dict:
+    """Each class's arrays in the stage: (shape, dtype) per name, so that a share of no classes stacks too."""
+    curve = ((steps + 1,), np.float64)
+    return {"order": ((steps,), np.int64), "class_acc": curve, "heldout_order": ((steps,), np.int64),
+            "heldout_select_acc": curve, "heldout_acc": curve, "random_class_acc": ((seeds, steps + 1), np.float64)}
+
+
+def class_share(ctx, layer: str, classes: np.ndarray, steps: int, seeds: int) -> dict:
+    """Curves of some classes, and their greedy orders' correct counts over all images (one rank's share)."""
     from tqdm import tqdm
 
-    steps, seeds, classes = _settings(ctx, layer)
     engine = ctx.engine(layer)
     per_class = []
     for class_index in tqdm(classes, desc=f"greedy {layer}", unit="class", leave=False):
         acts, labels = _gather(ctx, layer, np.flatnonzero(ctx.labels == class_index))
         per_class.append(class_curves(engine, acts, labels, int(class_index), steps, seeds, ctx.num_classes))
-    stacked = {name: np.stack([np.asarray(c[name]) for c in per_class]) for name in per_class[0]}
-    counts = overall_counts(ctx, layer, engine, stacked["order"])
+    share = {name: np.array([c[name] for c in per_class], dtype).reshape(len(per_class), *shape)
+             for name, (shape, dtype) in _shapes(steps, seeds).items()}
+    share["counts"] = (overall_counts(ctx, layer, engine, share["order"]) if len(per_class)
+                       else np.zeros((0, steps + 1, ctx.num_classes)))
+    return share
+
+
+def run_stage(ctx, layer: str) -> None:
+    """Greedy curves of every chosen class (classes sharded over ranks under torchrun); rank 0 writes."""
+    steps, seeds, classes = _settings(ctx, layer)
+    stage = f"greedy/{layer}"
+    stacked = ctx.run_sharded(stage, len(classes), lambda rows: class_share(ctx, layer, classes[rows], steps, seeds),
+                              lambda shares: ctx.in_item_order(shares, [*_shapes(steps, seeds), "counts"]))
+    if stacked is None:
+        return
+    counts = stacked["counts"]
     images_per_class = np.maximum(np.bincount(ctx.labels, minlength=ctx.num_classes), 1)
-    with ctx.writer.stage(f"greedy/{layer}") as h5:
+    with ctx.writer.stage(stage) as h5:
         group = f"layers/{layer}/greedy"
         write_array(h5, f"{group}/classes", classes)
         for name in ("order", "heldout_order"):
@@ -278,3 +301,4 @@ def run_stage(ctx, layer: str) -> None:
         attrs["tie_break"] = TIE_BREAK
         attrs["split"] = SPLIT
         attrs["rows"] = "rows follow 'classes'; step 0 is the unablated baseline"
+    ctx.drop_shards(stage)

@@ -43,8 +43,24 @@ class TopQuantile:
 
     def update(self, values: torch.Tensor) -> None:
         """Add one batch: ``values`` [units, m] (any m; the batch's positions flattened)."""
-        merged = torch.cat([self.top, values.to(self.top.device, torch.float32)], dim=1)
+        self._absorb(values)
         self.seen += values.shape[1]
+
+    def state(self) -> dict:
+        """What this part of the stream leaves: its kept tail [units, <= keep] and how many values it saw."""
+        return {"top": self.top.cpu().numpy(), "seen": np.array(self.seen, np.int64)}
+
+    def merge(self, top, seen: int) -> None:
+        """Add another part of the same stream by its ``state()`` (one rank's images, say).
+
+        The ``keep`` largest values of a union are among the ``keep`` largest of each part, so merging tails loses
+        nothing: the result is the one-stream result, value for value, whatever the split.
+        """
+        self._absorb(torch.as_tensor(top))
+        self.seen += int(seen)
+
+    def _absorb(self, values: torch.Tensor) -> None:
+        merged = torch.cat([self.top, values.to(self.top.device, torch.float32)], dim=1)
         if merged.shape[1] > self.keep:
             merged = merged.topk(self.keep, dim=1, sorted=False).values
         self.top = merged

@@ -9,7 +9,8 @@ vector and the overall drop of every direction are comparable with the units' (`
 Q = identity the directions are the units themselves.
 
 Store: ``layers/<L>/rotation/class_drop`` [R, C, K], ``overall_drop`` [R, C] and ``seeds`` [R] for R rotations
-(``--rotations R``; seeds 0..R-1).
+(``--rotations R``; seeds 0..R-1). Under torchrun the directions are shared out between the ranks (every rank does
+its directions of every rotation); correct counts are whole numbers, so the combined drops are the one-process ones.
 """
 
 from __future__ import annotations
@@ -29,18 +30,18 @@ def random_rotation(channels: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sweep(ctx, layer: str, rotations: list[torch.Tensor]) -> list[dict]:
-    """Correct counts per class for the baseline and for each direction of each rotation removed alone.
+def sweep(ctx, layer: str, rotations: list[torch.Tensor], directions=None) -> list[dict]:
+    """Correct counts per class for the baseline and for each direction (default: all) of each rotation removed alone.
 
     One pass over the images: each batch's prefix and baseline are computed once and shared by every rotation.
     """
     engine = ctx.engine(layer)
     k = ctx.num_classes
     channels = rotations[0].shape[0]
-    directions = torch.arange(channels, device=ctx.device)
+    directions = torch.as_tensor(np.arange(channels) if directions is None else directions, device=ctx.device)
     base_correct = np.zeros(k)
-    correct = np.zeros((len(rotations), channels, k))
-    for acts, labels, _ in ctx.activations([layer], desc=f"rotating {layer} ({len(rotations)} x {channels})"):
+    correct = np.zeros((len(rotations), len(directions), k))
+    for acts, labels, _ in ctx.activations([layer], desc=f"rotating {layer} ({len(rotations)} x {len(directions)})"):
         base = engine.baseline(acts[layer], labels)
         onehot = torch.nn.functional.one_hot(labels, k).double()
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
@@ -52,14 +53,35 @@ def sweep(ctx, layer: str, rotations: list[torch.Tensor]) -> list[dict]:
             for r in range(len(rotations))]
 
 
+def _share(ctx, layer: str, rotations: list[torch.Tensor], directions: np.ndarray) -> dict:
+    """One rank's directions of every rotation: correct counts [directions, rotations, classes]."""
+    swept = sweep(ctx, layer, rotations, directions)
+    return {"unit_correct": np.stack([result["unit_correct"] for result in swept], axis=1),
+            "base_correct": swept[0]["base_correct"], "counts": swept[0]["counts"]}
+
+
+def _combine(ctx, shares: list) -> list[dict]:
+    """Each rotation's drops, from the shares' directions put back in order."""
+    correct = ctx.in_item_order(shares, ["unit_correct"])["unit_correct"]
+    first = shares[0][1]
+    return [drops({"base_correct": first["base_correct"], "unit_correct": correct[:, r], "counts": first["counts"]})
+            for r in range(correct.shape[1])]
+
+
 def run_stage(ctx, layer: str) -> None:
+    """Sweep every direction of each rotation (directions sharded over ranks under torchrun); rank 0 writes."""
     count = int(getattr(ctx.extra.get("args"), "rotations", 1))
     if count <= 0:
         raise StageSkipped("--rotations 0")
     seeds = np.arange(count)
     channels = ctx.units(layer)
-    results = [drops(result) for result in sweep(ctx, layer, [random_rotation(channels, int(s)) for s in seeds])]
-    with ctx.writer.stage(f"rotation/{layer}") as h5:
+    rotations = [random_rotation(channels, int(s)) for s in seeds]
+    stage = f"rotation/{layer}"
+    results = ctx.run_sharded(stage, channels, lambda directions: _share(ctx, layer, rotations, directions),
+                              lambda shares: _combine(ctx, shares))
+    if results is None:
+        return
+    with ctx.writer.stage(stage) as h5:
         group = f"layers/{layer}/rotation"
         write_array(h5, f"{group}/class_drop", np.stack([r["class_drop"] for r in results]),
                     units="accuracy fraction, baseline - ablated; [rotation, direction, class]")
@@ -68,3 +90,4 @@ def run_stage(ctx, layer: str) -> None:
         h5[group].attrs["baseline_overall_acc"] = results[0]["baseline_overall_acc"]
         h5[group].attrs["method"] = ("direction q_j of a Haar-random orthogonal Q (scipy.stats.ortho_group, "
                                      "random_state=seed) removed at every position: a' = a - q_j (q_j^T a)")
+    ctx.drop_shards(stage)

@@ -14,7 +14,7 @@ from torch import nn
 
 from compute.data.broden import BrodenDataset, ImageLabels
 from compute.dissection import (ConceptSource, ConceptTable, IoUTally, best_concepts, dissect, encode_labels,
-                                normalise)
+                                merge_tallies, merge_thresholds, normalise, tally_iou, threshold_state)
 from compute.models.registry import Preprocess
 from compute.quantiles import TopQuantile
 from compute.sequence import run_to
@@ -144,6 +144,35 @@ def test_top_quantile_equals_numpy(total, batch, quantile):
     assert sketch.keep <= quantile * total + 2
 
 
+@pytest.mark.parametrize("cuts", [(0, 1000, 1000), (0, 3, 999, 1000), (0, 0, 500, 1000)])
+def test_merged_parts_give_the_one_stream_quantile_exactly(cuts):
+    """Parts of a stream (torchrun ranks' images, one part possibly empty) merge to the one-stream answer, bit for bit."""
+    rng = np.random.default_rng(7)
+    values = torch.from_numpy(np.maximum(rng.normal(size=(3, 1000)), 0).astype(np.float32))
+    whole = TopQuantile(3, 1000, 0.01)
+    whole.update(values)
+    merged = TopQuantile(3, 1000, 0.01)
+    for start, stop in reversed(list(zip(cuts, cuts[1:]))):
+        part = TopQuantile(3, 1000, 0.01)
+        part.update(values[:, start:stop])
+        state = part.state()
+        merged.merge(state["top"], state["seen"])
+    assert np.array_equal(merged.result(), whole.result())
+
+
+def test_tallies_of_parts_add_up_to_the_whole(val_concepts):
+    """Both dissection passes over whole batches shared out as between ranks (one share empty): the same numbers."""
+    sequence = colour_sequence()
+    source = ConceptSource(val_concepts, PLAIN, torch.device("cpu"), batch_size=32)
+    whole = dissect(sequence, "pool", source, quantile=0.005)
+    shares = [np.arange(source.batch_count)[rank::2] for rank in range(2)] + [np.zeros(0, np.int64)]
+    thresholds = merge_thresholds([threshold_state(sequence, "pool", source, 0.005, b) for b in shares], 0.005)
+    assert np.array_equal(thresholds, whole.thresholds)
+    states = [tally_iou(sequence, "pool", source, whole.table, thresholds, b).state() for b in shares]
+    tally = merge_tallies(states[::-1], whole.table)
+    assert np.array_equal(tally.iou(), whole.iou) and tally.images == whole.images == len(val_concepts)
+
+
 def test_top_quantile_refuses_a_short_stream():
     sketch = TopQuantile(2, 10, 0.1)
     sketch.update(torch.zeros(2, 9))
@@ -214,4 +243,4 @@ def test_dissection_page_counts_detectors(store_env):
     table = at.dataframe[0].value
     assert table["units"].sum() == int((best_iou > 0).sum())
     assert {"concept", "category", "units", "unit list"} <= set(table.columns)
-    assert at.selectbox(key="dissection_unit").options
+    assert at.selectbox(key=f"dissection_unit-{Path(store_env['store']).stem}").options  # keyed per store

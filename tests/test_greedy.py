@@ -152,6 +152,17 @@ def test_stage_settings():
         greedy._settings(stage_context(greedy_classes=["desert"]), "conv5")
 
 
+def test_a_share_without_classes_has_empty_rows_of_the_right_shape():
+    """Under torchrun with more ranks than classes some ranks get none; their share must still combine."""
+    ctx = stage_context()
+    ctx.engine = lambda layer: None
+    share = greedy.class_share(ctx, "conv5", np.zeros(0, np.int64), steps=3, seeds=2)
+    assert {name: value.shape for name, value in share.items()} == {
+        "order": (0, 3), "heldout_order": (0, 3), "class_acc": (0, 4), "heldout_select_acc": (0, 4),
+        "heldout_acc": (0, 4), "random_class_acc": (0, 2, 4), "counts": (0, 4, 3)}
+    assert share["order"].dtype == np.int64
+
+
 # -- the tiny run's store --------------------------------------------------------------------------------------
 def test_stored_greedy_is_consistent(tiny_run):
     store = StoreReader(tiny_run["store"])
@@ -237,6 +248,8 @@ def test_page_runs_live_greedy_and_saves(tiny_run, tmp_path, monkeypatch):
     copy = shutil.copy(tiny_run["store"], tmp_path / "stores" / "demo.h5")  # saving must not touch the shared store
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(tmp_path / "stores"))
     at = page(None)
+    assert "live_run" not in [button.key for button in at.button]
+    at.toggle(key="live_on").set_value(True).run()  # the activations load only when asked for
     at.number_input(key="live_steps").set_value(2)
     at.button(key="live_run").click().run()
     assert not at.exception, at.exception

@@ -81,6 +81,15 @@ def test_identity_rotation_reproduces_single_unit_ablation(tiny_ctx, tiny_run, l
     assert np.array_equal(result["overall_drop"], store.layer(layer, "ablation", "overall_drop"))
 
 
+def test_a_share_of_directions_equals_those_rows_of_the_full_sweep(tiny_ctx):
+    """What one of two torchrun ranks computes: every other direction, value for value (of the first 32, for time)."""
+    rotation = random_rotation(128, 0)
+    whole, = sweep(tiny_ctx, "conv5", [rotation], directions=np.arange(32))
+    part, = sweep(tiny_ctx, "conv5", [rotation], directions=np.arange(1, 32, 2))
+    assert np.array_equal(part["unit_correct"], whole["unit_correct"][1::2])
+    assert np.array_equal(part["base_correct"], whole["base_correct"])
+
+
 def test_stage_stores_every_direction_of_every_seed(tiny_run):
     store = StoreReader(tiny_run["store"])
     for layer in ("conv3", "conv4", "conv5"):

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, choose_layer, linked_select, current_store, guarded, side_by_side, table
+from app.common import chart_downloads, choose_layer, current_store, guarded, linked_select, side_by_side, table
 from figures.greedy import class_curves, drop_summary, greedy_against_random, selection_bias
 from store import StoreError
 
@@ -285,9 +285,7 @@ def saved_runs(store, layer: str) -> None:
 
 
 def live(store) -> None:
-    from compute.live_session import live_layers
-
-    layers = live_layers(store)
+    layers = [layer for layer in store.layers if store.has(f"layers/{layer}/live/acts")]  # torch loads only if used
     if not layers:
         try:
             store.require(store.layers[-1] if store.layers else "?", "live")
