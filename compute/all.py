@@ -198,10 +198,14 @@ def main(argv=None) -> int:
             plan.append((f"{name}/{layer}", lambda stage=stage, layer=layer: stage(ctx, layer)))
     for layer in live_layers:
         plan.append((f"live/{layer}", lambda layer=layer: live.run_stage(ctx, layer)))
+    running = {"stage": "setup"}
+    if dist.active:
+        distributed.say_when_stopped(lambda: f"during stage {running['stage']}; finished shards are kept in {writer.parts}")
     for name, stage in plan:
         # Other ranks take part only in the sharded stages; rank 0 runs the rest alone.
         if writer.done(name) or not (dist.is_main or name.split("/")[0] in SHARDED_STAGES):
             continue
+        running["stage"] = name
         try:
             stage()
         except StageSkipped as skipped:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import socket
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,3 +59,23 @@ def from_environment(device: torch.device) -> Dist:
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def say_when_stopped(describe) -> None:
+    """When torchrun stops this rank because another one died (it sends SIGTERM), print one line saying so and what
+    to do, then exit. A rank blocked in a collective never returns to Python, so a plain signal handler would not run:
+    the signal is delivered through a wakeup file descriptor to a watcher thread instead. ``describe()`` gives the
+    stage in progress and where the finished shards are."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # a Python handler must exist for the wakeup fd to be written
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch(keep_open=writer):  # the write end must live as long as the watcher: closed, recv would return
+        while signal.SIGTERM not in reader.recv(64):
+            pass
+        print(f"rank {os.environ.get('RANK', '?')} stopped by torchrun: another rank failed (torchrun's report names "
+              f"it) {describe()}: rerun the same command to resume.", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-watcher", daemon=True).start()

@@ -141,6 +141,10 @@ def test_a_dying_rank_fails_the_run_and_a_rerun_resumes_from_finished_shares(int
         assert f"rank {rank}: reusing its finished share of dissection/conv5/{stage}" in stderr
     assert "rank 1: reusing its finished share of dissection/conv5/iou" not in stderr
     assert "exitcode  : -9" in stderr  # torchrun's report names the killed rank
+    # The survivor says where it stood and what to do: on gloo its collective fails at once ("connection closed by
+    # peer"); where a collective blocks instead (NCCL), torchrun's SIGTERM makes it say so (distributed.say_when_stopped).
+    assert "rank 0 failed in stage greedy/conv5" in stderr or "rank 0 stopped by torchrun" in stderr
+    assert "rerun the same command to resume" in stderr
     assert {"dissection__conv5.h5", "greedy__conv5__shard-0-of-2.h5"} <= killed["parts"]
     assert not shards & killed["parts"]
 
@@ -190,3 +194,27 @@ def test_finished_share_is_reused(capsys, monkeypatch):
     # A pass whose result the next one needs: every rank combines every share, in item order.
     ctx.writer.parts["ablation/conv5/shard-0-of-2"] = {"indices": np.array([0, 2, 4]), "value": np.array([0, 20, 40])}
     assert ctx.run_sharded("ablation/conv5", 5, compute, combine, everywhere=True) == [0, 10, 20, 30, 40]
+
+
+STOPPED = r'''
+import threading
+from compute.distributed import say_when_stopped
+say_when_stopped(lambda: "during stage greedy/conv5; finished shards are kept in PARTS")
+print("ready", flush=True)
+threading.Event().wait()  # blocked, as a rank waiting in an NCCL collective never returns to Python
+'''
+
+
+def test_a_rank_blocked_when_torchrun_stops_it_says_why_in_one_line():
+    import signal
+
+    env = dict(os.environ, RANK="3", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-c", STOPPED], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines() == [
+        "rank 3 stopped by torchrun: another rank failed (torchrun's report names it) during stage greedy/conv5; "
+        "finished shards are kept in PARTS: rerun the same command to resume."]
