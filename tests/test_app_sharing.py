@@ -201,3 +201,15 @@ def test_pickled_bytes_in_a_store_are_never_unpickled(tiny_run, tmp_path):
     assert bytes(raw) == payload and not Trap.sprung
     store.read_attrs("layers/conv5/ablation")
     assert not Trap.sprung
+
+
+def test_unit_compare_shows_the_same_unit_only_for_the_same_weights(two_stores):
+    at = app("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
+    headers = [h.value for h in at.subheader]
+    assert headers.index("demo") < headers.index("demo-copy")
+    assert len(at.get("vega_lite_chart")) == 2
+    with h5py.File(two_stores / "demo-copy.h5", "a") as handle:
+        handle.attrs["weights_sha256"] = "0" * 64
+    at = app("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
+    assert len(at.get("vega_lite_chart")) == 1
+    assert any("units of separately trained networks do not correspond" in i.value for i in at.info)

@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, choose_layer, current_store, from_link, guarded, linked_select, table, to_link
+from app.common import (chart_downloads, choose_layer, compare_store, current_store, from_link, guarded, linked_select,
+                        table, to_link)
 
 TOP_CLASSES = 25
 
@@ -21,17 +22,6 @@ def choose_unit(units: int) -> int:
                                **({} if "unit" in st.session_state else {"value": 0})))
     to_link("unit", "unit", str(unit))
     return unit
-
-
-def choose_class(classes: list[str], class_drop: np.ndarray) -> int | None:
-    """An optional class to look at (query parameter ``class``): its drop and its rank among the unit's classes."""
-    name = linked_select("Class", [""] + classes, "class", "unit_class", format_func=lambda c: c or "none picked")
-    if not name:
-        return None
-    index = classes.index(name)
-    rank = int((class_drop > class_drop[index]).sum()) + 1
-    st.metric(f"Drop for {name}", f"{100 * class_drop[index]:.1f} pts", help=f"rank {rank} of {len(classes)} classes")
-    return index
 
 
 def drop_chart(frame: pd.DataFrame, focus: str | None) -> alt.Chart:
@@ -61,6 +51,44 @@ def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tup
     return rows
 
 
+def drops_view(store, layer: str, unit: int, focus: str | None) -> None:
+    """The unit's headline drops and its classes sorted by drop, for one store."""
+    classes = list(store.classes)
+    class_drop = loaders.layer_array(store.path, layer, "ablation", "class_drop", unit)
+    overall = float(loaders.layer_array(store.path, layer, "ablation", "overall_drop", unit))
+    worst = int(np.argmax(class_drop))
+    cols = st.columns(3)
+    cols[0].metric("Overall accuracy drop", f"{100 * overall:.2f} pts")
+    cols[1].metric("Max class drop", f"{100 * class_drop[worst]:.1f} pts", help=f"class {classes[worst]}")
+    cols[2].metric("Classes hurt by ≥ 5 pts", int((class_drop >= 0.05).sum()))
+    if focus in classes:
+        index = classes.index(focus)
+        rank = int((class_drop > class_drop[index]).sum()) + 1
+        st.metric(f"Drop for {focus}", f"{100 * class_drop[index]:.1f} pts",
+                  help=f"rank {rank} of {len(classes)} classes")
+    order = np.argsort(-class_drop, kind="stable")
+    shown = np.concatenate([order[:TOP_CLASSES], order[-5:]]) if len(order) > TOP_CLASSES + 5 else order
+    if focus in classes and classes.index(focus) not in shown:
+        shown = np.append(shown, classes.index(focus))
+    frame = pd.DataFrame({"class": [classes[i] for i in shown], "drop (%)": 100 * class_drop[shown],
+                          "rank": np.arange(len(shown))})
+    st.subheader("Classes sorted by accuracy drop when this unit is removed")
+    st.altair_chart(drop_chart(frame, focus), width="stretch")
+    everything = pd.DataFrame({"class": classes, "drop (%)": 100 * class_drop})
+    chart_downloads(drop_chart(frame, None).properties(title=f"{store.name} {layer} unit {unit}"),
+                    f"{store.name}-{layer}-unit{unit}-class-drops", everything)
+
+
+def same_unit_elsewhere(store, other, layer: str, unit: int) -> str | None:
+    """Why unit ``unit`` of ``other`` is not this unit (None when it is: same weights, same layer, enough units)."""
+    if other.attrs.get("weights_sha256") != store.attrs.get("weights_sha256"):
+        return (f"{other.name} was computed from other weights: its unit {unit} is a different unit (units of "
+                "separately trained networks do not correspond), so it is not shown here; compare layers instead.")
+    if layer not in other.layers or not other.has_section(layer, "ablation"):
+        return f"{other.name} has no ablation results for layer {layer}."
+    return None
+
+
 def render() -> None:
     store = current_store()
     if store is None:
@@ -72,25 +100,18 @@ def render() -> None:
     units = int(loaders.layer_array(store.path, layer, "ablation", "overall_drop").shape[0])
     unit = choose_unit(units)
     st.title(f"{layer} · unit {unit}")
-    class_drop = loaders.layer_array(store.path, layer, "ablation", "class_drop", unit)
-    overall = float(loaders.layer_array(store.path, layer, "ablation", "overall_drop", unit))
-    worst = int(np.argmax(class_drop))
-    cols = st.columns(3)
-    cols[0].metric("Overall accuracy drop", f"{100 * overall:.2f} pts")
-    cols[1].metric("Max class drop", f"{100 * class_drop[worst]:.1f} pts", help=f"class {classes[worst]}")
-    cols[2].metric("Classes hurt by ≥ 5 pts", int((class_drop >= 0.05).sum()))
-    focus = choose_class(classes, class_drop)
-    order = np.argsort(-class_drop, kind="stable")
-    shown = np.concatenate([order[:TOP_CLASSES], order[-5:]]) if len(order) > TOP_CLASSES + 5 else order
-    if focus is not None and focus not in shown:
-        shown = np.append(shown, focus)
-    frame = pd.DataFrame({"class": [classes[i] for i in shown], "drop (%)": 100 * class_drop[shown],
-                          "rank": np.arange(len(shown))})
-    st.subheader("Classes sorted by accuracy drop when this unit is removed")
-    st.altair_chart(drop_chart(frame, None if focus is None else classes[focus]), width="stretch")
-    everything = pd.DataFrame({"class": classes, "drop (%)": 100 * class_drop})
-    chart_downloads(drop_chart(frame, None).properties(title=f"{store.name} {layer} unit {unit}"),
-                    f"{store.name}-{layer}-unit{unit}-class-drops", everything)
+    focus = linked_select("Class", [""] + classes, "class", "unit_class", format_func=lambda c: c or "none picked")
+    other = compare_store()
+    reason = None if other is None else same_unit_elsewhere(store, other, layer, unit)
+    if other is None or reason:
+        drops_view(store, layer, unit, focus or None)
+        if reason:
+            st.info(reason)
+    else:  # the same weights on another validation set (or computed with other settings): the same unit
+        for column, shown in zip(st.columns(2), (store, other)):
+            with column:
+                st.subheader(shown.name)
+                drops_view(shown, layer, unit, focus or None)
     rows = attribute_rows(store, layer, unit, classes)
     if rows:
         st.subheader("Attributes")
