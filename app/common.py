@@ -36,7 +36,9 @@ def from_link(key: str, param: str, parse) -> None:
     wrote it (a followed link, a page switch that carries parameters); otherwise the widget keeps what the user chose.
     ``parse`` turns the text into the widget's value, raising KeyError or ValueError when it names nothing valid."""
     wanted = st.query_params.get(param)
-    if wanted is None or wanted == st.session_state.get(_marker(key)):
+    # Already applied, and the widget still holds what the user made of it: leave it. A page switch drops the
+    # widget's value but not the marker, so a link followed inside the app (same text as before) still applies.
+    if wanted is None or (wanted == st.session_state.get(_marker(key)) and key in st.session_state):
         return
     try:
         st.session_state[key] = parse(wanted)

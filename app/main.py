@@ -15,16 +15,19 @@ import streamlit as st  # noqa: E402
 from app import loaders  # noqa: E402
 from app.common import linked_select  # noqa: E402
 
+# One file per page under app/views/, not app/pages/: Streamlit treats a pages/ folder beside the entry point as an
+# old-style multipage app until some session has run main.py, so a link opened first on a fresh server would run the
+# page without the sidebar's store picker.
 PAGES = [
-    ("pages/overview.py", "Overview", "overview", ":material/monitoring:"),
-    ("pages/unit.py", "Unit", "unit", ":material/neurology:"),
-    ("pages/greedy.py", "Greedy ablation", "greedy", ":material/trending_down:"),
-    ("pages/attributes.py", "Attributes", "attributes", ":material/scatter_plot:"),
-    ("pages/dissection.py", "Dissection", "dissection", ":material/category:"),
-    ("pages/rotation.py", "Rotation", "rotation", ":material/rotate_right:"),
-    ("pages/variants.py", "Variants", "variants", ":material/compare:"),
-    ("pages/prediction.py", "Predicting classes", "prediction", ":material/table_chart:"),
-    ("pages/search.py", "Search units", "search", ":material/search:"),
+    ("views/overview.py", "Overview", "overview", ":material/monitoring:"),
+    ("views/unit.py", "Unit", "unit", ":material/neurology:"),
+    ("views/greedy.py", "Greedy ablation", "greedy", ":material/trending_down:"),
+    ("views/attributes.py", "Attributes", "attributes", ":material/scatter_plot:"),
+    ("views/dissection.py", "Dissection", "dissection", ":material/category:"),
+    ("views/rotation.py", "Rotation", "rotation", ":material/rotate_right:"),
+    ("views/variants.py", "Variants", "variants", ":material/compare:"),
+    ("views/prediction.py", "Predicting classes", "prediction", ":material/table_chart:"),
+    ("views/search.py", "Search units", "search", ":material/search:"),
 ]
 
 

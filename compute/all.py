@@ -130,7 +130,7 @@ def setup_stage(ctx, val) -> None:
 
 
 def main(argv=None) -> int:
-    from compute import activations, attributes, live, single_unit
+    from compute import activations, live
     from compute.context import RunContext
     from compute.imagecache import ImageCache, default_workers
 

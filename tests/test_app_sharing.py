@@ -51,7 +51,7 @@ def app(page: str, store: Path, compare: Path | None = None, **params):
     a switched-to page without the entry point, so the entry point's own link handling is tested on its first run)."""
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / f"{page}.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / f"{page}.py"), default_timeout=120)
     at.session_state["store_path"] = str(store)
     at.session_state["compare_path"] = None if compare is None else str(compare)
     for key, value in params.items():
@@ -125,7 +125,7 @@ def test_greedy_link_restores_the_class(store_env):
     classes = [store.classes[int(k)] for k in store.layer("conv5", "greedy", "classes")]
     at = entry()  # the greedy page links to the Unit page, which needs the entry point's navigation
     at.query_params.update({"store": "demo", "layer": "conv5", "class": classes[-1]})
-    at.switch_page("pages/greedy.py").run()
+    at.switch_page("views/greedy.py").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="greedy_class").value == len(classes) - 1
     assert at.query_params["class"] == classes[-1]

@@ -105,7 +105,8 @@ def wait_images(page, minimum: int) -> None:
 
 
 def metrics(page) -> dict[str, str]:
-    """{label: value} of the metrics shown in the main area."""
+    """{label: value} of the metrics shown in the main area (waiting for the first to be drawn)."""
+    main(page).get_by_test_id("stMetricValue").first.wait_for(state="visible")
     found = {}
     for metric in main(page).get_by_test_id("stMetric").all():
         label = metric.get_by_test_id("stMetricLabel").inner_text().strip()

@@ -230,7 +230,7 @@ def test_missing_concepts_skip_the_stage_naming_the_option():
 def test_dissection_page_counts_detectors(store_env):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "dissection.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "dissection.py"), default_timeout=60)
     at.session_state["store_path"] = str(store_env["store"])
     at.run()
     assert not at.exception, at.exception

@@ -1,6 +1,5 @@
 """The engine's predictions equal the definition: zero the unit (weights and bias, or output) and run the network."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -184,7 +184,7 @@ def test_damaged_store_gets_one_clear_line_from_check_and_the_app(kind, tiny_run
     app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120).run()
     for page in ("overview", "unit"):
         if page == "unit":
-            app.switch_page("pages/unit.py").run()
+            app.switch_page("views/unit.py").run()
         assert not app.exception, f"{page}: {[e.value for e in app.exception]}"
         shown = [m.value for m in (*app.error, *app.warning)]
         assert any(app_says in message for message in shown), f"{page}: {shown}"

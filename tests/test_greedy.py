@@ -225,7 +225,7 @@ def page(_env):
 
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
     at.run()
-    at.switch_page("pages/greedy.py")
+    at.switch_page("views/greedy.py")
     at.run()
     assert not at.exception, at.exception
     return at

@@ -127,7 +127,7 @@ def test_prediction_page_computes_then_shows_tables(instances, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(instances[0].parent))
-    at = AppTest.from_file(ROOT / "app" / "pages" / "prediction.py", default_timeout=60)
+    at = AppTest.from_file(ROOT / "app" / "views" / "prediction.py", default_timeout=60)
     at.session_state["store_path"] = str(instances[0])
     at.run()
     assert not at.exception, at.exception
@@ -138,7 +138,7 @@ def test_prediction_page_computes_then_shows_tables(instances, monkeypatch):
     assert at.success and at.get("vega_lite_chart") and at.dataframe
     assert StoreReader(instances[3]).has(f"prediction/{LAYER}/accuracy")
 
-    fresh = AppTest.from_file(ROOT / "app" / "pages" / "prediction.py", default_timeout=60)
+    fresh = AppTest.from_file(ROOT / "app" / "views" / "prediction.py", default_timeout=60)
     fresh.session_state["store_path"] = str(instances[0])
     fresh.run()
     assert not fresh.exception, fresh.exception

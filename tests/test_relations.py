@@ -88,7 +88,7 @@ def test_pipeline_stores_the_relations_table(tiny_run):
 def test_attributes_page_renders(store_env):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(ROOT / "app" / "pages" / "attributes.py", default_timeout=60)
+    at = AppTest.from_file(ROOT / "app" / "views" / "attributes.py", default_timeout=60)
     at.session_state["store_path"] = str(store_env["store"])
     at.run()
     assert not at.exception, at.exception

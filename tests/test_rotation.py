@@ -116,7 +116,7 @@ def test_rotations_zero_skips_the_stage():
 def test_rotation_page_shows_curves_and_summary(store_env):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "rotation.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "rotation.py"), default_timeout=60)
     at.session_state["store_path"] = str(store_env["store"])
     at.run()
     assert not at.exception, at.exception

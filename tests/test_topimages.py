@@ -90,7 +90,7 @@ def test_store_masks_are_upsampled_maps_above_threshold(tiny_run, validation):
 def test_unit_page_shows_concept_and_top_images(store_env):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "unit.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "unit.py"), default_timeout=60)
     at.session_state["store_path"] = str(store_env["store"])
     at.run()
     assert not at.exception, at.exception
@@ -113,7 +113,7 @@ def test_unit_sections_name_the_command_when_results_are_missing(tiny_run, tmp_p
         for layer in ("conv3", "conv4", "conv5"):
             del handle[f"layers/{layer}/dissection"], handle[f"layers/{layer}/topimages"]
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(tmp_path))
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "unit.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "unit.py"), default_timeout=60)
     at.session_state["store_path"] = str(copy)
     at.run()
     assert not at.exception, at.exception

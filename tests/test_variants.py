@@ -182,7 +182,7 @@ def variant_stores(tiny_run, tmp_path, monkeypatch):
 def test_variants_page_compares_stores(variant_stores):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "variants.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "variants.py"), default_timeout=60)
     at.session_state["store_path"] = str(variant_stores / "demo.h5")
     at.run()
     assert not at.exception, at.exception

@@ -113,7 +113,7 @@ def render() -> None:
     selection = event.get("selection", {}) if event else {}
     if selection.get("pick"):
         unit = int(selection["pick"][0]["unit"])
-        st.switch_page("pages/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
+        st.switch_page("views/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
     st.caption("Top row: overall accuracy drop; bottom row: max class accuracy drop, in points. Drag to select "
                "units in a range, click a point to open that unit.")
     if selection.get("brush"):

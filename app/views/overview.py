@@ -33,7 +33,7 @@ def layer_view(store, layer: str) -> None:
     picked = (event or {}).get("selection", {}).get("pick")
     if picked:
         unit = int(picked[0]["unit"])
-        st.switch_page("pages/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
+        st.switch_page("views/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
 
 
 def render() -> None:

@@ -37,7 +37,7 @@ def open_unit(store, layer: str, detectors: pd.DataFrame) -> None:
     unit = cols[0].selectbox("Open a detector unit", list(labels), format_func=labels.get,
                              key=f"dissection_unit-{store.name}")
     if cols[1].button("Open unit", key=f"dissection_open-{store.name}") and unit is not None:
-        st.switch_page("pages/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
+        st.switch_page("views/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
 
 
 def layer_view(store, layer: str, threshold: float) -> None:

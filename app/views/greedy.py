@@ -29,7 +29,7 @@ def greedy_array(store, layer: str, name: str, selection=None):
 
 
 def unit_link(store, layer: str, unit: int, label: str | None = None) -> None:
-    st.page_link("pages/unit.py", label=label or f"Unit {unit}", icon=":material/neurology:",
+    st.page_link("views/unit.py", label=label or f"Unit {unit}", icon=":material/neurology:",
                  query_params={"store": store.name, "layer": layer, "unit": str(unit)})
 
 
