@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
+from app.common import table as show_table
 from store import StoreError
 
 DISPLAY = 160  # pixels per shown image: the stored thumbnails are at most 96
@@ -73,7 +74,8 @@ def concept_section(store, layer: str, unit: int) -> None:
     rows = [(str(category), str(names[c]), float(value))
             for category, c, value in zip(category_names, by_category, by_category_iou) if c >= 0]
     table = pd.DataFrame(rows, columns=["category", "best concept", "IoU"]).sort_values("IoU", ascending=False)
-    st.dataframe(table, hide_index=True, column_config={"IoU": st.column_config.NumberColumn(format="%.3f")})
+    show_table(table, f"{store.name}-{layer}-unit{unit}-concepts", hide_index=True,
+               column_config={"IoU": st.column_config.NumberColumn(format="%.3f")})
 
 
 def top_images_section(store, layer: str, unit: int) -> None:

@@ -213,3 +213,10 @@ def test_unit_compare_shows_the_same_unit_only_for_the_same_weights(two_stores):
     at = app("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
     assert len(at.get("vega_lite_chart")) == 1
     assert any("units of separately trained networks do not correspond" in i.value for i in at.info)
+
+
+def test_variants_link_picks_its_stores(two_stores):
+    at = app("variants", two_stores / "demo.h5", stores="demo-copy,nonexistent,demo")
+    assert at.multiselect(key="variant_stores").value == ["demo-copy", "demo"]
+    assert at.query_params["stores"] == "demo-copy,demo"
+    assert len(at.get("vega_lite_chart")) == 2

@@ -85,7 +85,10 @@ def replay(store, layer: str) -> None:
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Class accuracy so far")
-        st.altair_chart(replay_chart(store, layer, row, step), width="stretch")
+        chart = replay_chart(store, layer, row, step)
+        st.altair_chart(chart, width="stretch")
+        chart_downloads(chart.properties(title=f"{store.name} {layer}: greedy ablation for {classes[target]}"),
+                        f"{store.name}-{layer}-greedy-{classes[target]}-step{step}")
         st.caption("Ablated: " + (", ".join(str(u) for u in order[row, :step]) or "nothing yet"))
     with right:
         if step < steps:
@@ -102,6 +105,7 @@ def replay(store, layer: str) -> None:
             st.caption("No other class has lost accuracy at this step.")
         else:
             st.altair_chart(chart, width="stretch")
+            chart_downloads(chart, f"{store.name}-{layer}-greedy-{classes[target]}-step{step}-others")
 
 
 def replay_chart(store, layer: str, row: int, step: int) -> alt.LayerChart:
@@ -233,11 +237,12 @@ def show_job(store, job: dict) -> None:
     left, right = st.columns([3, 2])
     with left:
         long = frame.drop(columns=["unit", "unit page"]).melt("step", var_name="curve", value_name="accuracy (%)")
-        st.altair_chart(alt.Chart(long).mark_line(point=True).encode(
+        chart = alt.Chart(long).mark_line(point=True).encode(
             x="step:Q", y=alt.Y("accuracy (%):Q", scale=alt.Scale(domain=[0, 100])), color="curve:N",
-            tooltip=["curve", "step", alt.Tooltip("accuracy (%):Q", format=".1f")]).properties(height=300),
-            width="stretch")
-        st.dataframe(frame, hide_index=True, column_config={
+            tooltip=["curve", "step", alt.Tooltip("accuracy (%):Q", format=".1f")]).properties(height=300)
+        st.altair_chart(chart, width="stretch")
+        chart_downloads(chart, f"{store.name}-{job['layer']}-live")
+        table(frame, f"{store.name}-{job['layer']}-live-steps", hide_index=True, column_config={
             "unit page": st.column_config.LinkColumn("unit page", display_text="open")})
     with right:
         st.subheader("Classes that lose most")
@@ -246,6 +251,7 @@ def show_job(store, job: dict) -> None:
             st.caption("No other class lost accuracy.")
         else:
             st.altair_chart(chart, width="stretch")
+            chart_downloads(chart, f"{store.name}-{job['layer']}-live-others")
 
 
 def save_job(store, job: dict, name: str) -> None:

@@ -14,11 +14,19 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, current_store, guarded, table
+from app.common import chart_downloads, current_store, from_link, guarded, table, to_link
 from figures.variants import detector_chart, max_drop_chart, sorted_max_drops
 from store import StoreError
 
 DEFAULT_SET = ("demo", "demo-bn", "demo-dropout")
+
+
+def listed(names: list[str], paths: dict) -> list[str]:
+    """The names that are stores of the directory; KeyError when none is (a link naming none changes nothing)."""
+    found = [name for name in names if name in paths]
+    if not found:
+        raise KeyError(names)
+    return found
 
 
 def choose_stores() -> dict[str, object]:
@@ -28,7 +36,10 @@ def choose_stores() -> dict[str, object]:
     default = [name for name in DEFAULT_SET if name in paths]
     if len(default) < 2 and current is not None:
         default = [current.name]
-    picked = st.multiselect("Stores to compare", list(paths), default=default, key="variant_stores")
+    from_link("variant_stores", "stores", lambda text: listed(text.split(","), paths))
+    picked = st.multiselect("Stores to compare", list(paths), key="variant_stores",
+                            **({} if "variant_stores" in st.session_state else {"default": default}))
+    to_link("variant_stores", "stores", ",".join(picked))
     stores = {}
     for name in picked:
         try:
