@@ -32,19 +32,21 @@ def _marker(key: str) -> str:
 
 
 def from_link(key: str, param: str, parse) -> None:
-    """Give widget ``key`` the value of query parameter ``param`` when the parameter changed since this session last
-    wrote it (a followed link, a page switch that carries parameters); otherwise the widget keeps what the user chose.
-    ``parse`` turns the text into the widget's value, raising KeyError or ValueError when it names nothing valid."""
+    """Set widget ``key``'s value before it is made: from query parameter ``param`` when the parameter changed since
+    this session last wrote it (a followed link, a page switch that carries parameters), else the value it already
+    has. Re-assigning the value matters: pages share keys ("layer", "unit"), but each page's widget is its own, and
+    only an assigned value carries over to another page's widget of the same key. ``parse`` turns the text into the
+    widget's value, raising KeyError or ValueError when it names nothing valid."""
     wanted = st.query_params.get(param)
-    # Already applied, and the widget still holds what the user made of it: leave it. A page switch drops the
-    # widget's value but not the marker, so a link followed inside the app (same text as before) still applies.
-    if wanted is None or (wanted == st.session_state.get(_marker(key)) and key in st.session_state):
-        return
-    try:
-        st.session_state[key] = parse(wanted)
-    except (KeyError, ValueError):
-        return
-    st.session_state[_marker(key)] = wanted
+    if wanted is not None and (wanted != st.session_state.get(_marker(key)) or key not in st.session_state):
+        try:
+            st.session_state[key] = parse(wanted)
+            st.session_state[_marker(key)] = wanted
+            return
+        except (KeyError, ValueError):
+            pass
+    if key in st.session_state:
+        st.session_state[key] = st.session_state[key]
 
 
 def to_link(key: str, param: str, text: str | None) -> None:

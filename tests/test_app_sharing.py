@@ -220,3 +220,12 @@ def test_variants_link_picks_its_stores(two_stores):
     assert at.multiselect(key="variant_stores").value == ["demo-copy", "demo"]
     assert at.query_params["stores"] == "demo-copy,demo"
     assert len(at.get("vega_lite_chart")) == 2
+
+
+def test_the_chosen_layer_carries_over_to_another_page(store_env):
+    at = entry()
+    at.selectbox(key="layer").select("conv4").run()
+    assert at.query_params["layer"] == "conv4"
+    at.switch_page("views/unit.py").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "conv4 · unit 0"
