@@ -13,18 +13,22 @@ from figures import render as render_chart
 from store import StoreError
 
 
-def current_store():
-    """The StoreReader chosen in the sidebar, or None after showing why there is none."""
-    path = st.session_state.get("store_path")
-    if not path:
-        st.info(f"No store yet in `{loaders.store_directory()}`. Compute one with "
-                "`python -m compute.all --model demo`, then reload.")
-        return None
+def _open_chosen(state_key: str):
+    """The StoreReader whose path the sidebar left in ``state_key``; None (after its one-line message) if unusable."""
     try:
-        return loaders.reader(Path(path))
+        return loaders.reader(Path(st.session_state[state_key]))
     except StoreError as error:
         st.error(str(error))
         return None
+
+
+def current_store():
+    """The StoreReader chosen in the sidebar, or None after showing why there is none."""
+    if not st.session_state.get("store_path"):
+        st.info(f"No store yet in `{loaders.store_directory()}`. Compute one with "
+                "`python -m compute.all --model demo`, then reload.")
+        return None
+    return _open_chosen("store_path")
 
 
 def _marker(key: str) -> str:
@@ -83,6 +87,17 @@ def choose_layer(store, section: str, key: str = "layer") -> str | None:
     return linked_select("Layer", layers, "layer", key, default=len(layers) - 1)
 
 
+def store_and_layer(title: str, section: str):
+    """A page's header: the title and a picker of the chosen store's layers that hold ``section``. Returns
+    (store, layer), or None when there is no store or no such layer (after saying so)."""
+    store = current_store()
+    if store is None:
+        return None
+    st.title(title)
+    layer = choose_layer(store, section)
+    return None if layer is None else (store, layer)
+
+
 def guarded(render):
     """Run a page body; a broken or incomplete store shows its one-line message instead of a traceback."""
     try:
@@ -93,14 +108,7 @@ def guarded(render):
 
 def compare_store():
     """The store picked under "Compare with" in the sidebar (another run, variant or model), or None."""
-    path = st.session_state.get("compare_path")
-    if not path:
-        return None
-    try:
-        return loaders.reader(Path(path))
-    except StoreError as error:
-        st.error(str(error))
-        return None
+    return _open_chosen("compare_path") if st.session_state.get("compare_path") else None
 
 
 def _slug(name: str) -> str:

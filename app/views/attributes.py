@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, choose_layer, compare_store, current_store, guarded, table
+from app.common import chart_downloads, compare_store, guarded, store_and_layer, table
 from compute.relations import CONFIDENCE, TARGETS, drop_targets, relation_table, scalar_attributes
 from figures.attributes import coefficient_frame, scatter_grid, unit_frame
 
@@ -92,13 +92,10 @@ def comparison(other, layer: str) -> None:
 
 
 def render() -> None:
-    store = current_store()
-    if store is None:
+    chosen = store_and_layer("Attributes against ablation", "attributes")
+    if chosen is None:
         return
-    st.title("Attributes against ablation")
-    layer = choose_layer(store, "attributes")
-    if layer is None:
-        return
+    store, layer = chosen
     frame, coefficients_table, shown = layer_data(store, layer)
     if "max concept IoU" not in shown:
         st.caption("No concept IoU for this layer (the dissection stage has not run on it).")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, choose_layer, current_store, guarded, side_by_side, table
+from app.common import chart_downloads, guarded, side_by_side, store_and_layer, table
 from app.unit_sections import section_attrs
 from figures.dissection import concept_table, counts_chart, detector_frame
 
@@ -71,13 +71,10 @@ def layer_view(store, layer: str, threshold: float) -> None:
 
 
 def render() -> None:
-    store = current_store()
-    if store is None:
+    chosen = store_and_layer("Dissection: units that detect concepts", "dissection")
+    if chosen is None:
         return
-    st.title("Dissection: units that detect concepts")
-    layer = choose_layer(store, "dissection")
-    if layer is None:
-        return
+    store, layer = chosen
     attrs = section_attrs(store, layer, "dissection")
     threshold = st.slider("IoU threshold for a detector", 0.0, 0.3, float(attrs.get("iou_threshold", 0.04)), 0.01,
                           key="dissection_threshold")

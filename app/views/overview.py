@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, choose_layer, current_store, guarded, side_by_side
+from app.common import chart_downloads, guarded, side_by_side, store_and_layer
 from figures.overview import curve_chart, curve_frame, median_ratio
 
 
@@ -37,13 +37,10 @@ def layer_view(store, layer: str) -> None:
 
 
 def render() -> None:
-    store = current_store()
-    if store is None:
+    chosen = store_and_layer("Overview: class accuracy drop of single units", "ablation")
+    if chosen is None:
         return
-    st.title("Overview: class accuracy drop of single units")
-    layer = choose_layer(store, "ablation")
-    if layer is None:
-        return
+    store, layer = chosen
     side_by_side(store, layer, "ablation", layer_view)
     st.caption("Click a point to open that unit. Drops are baseline minus ablated accuracy on the validation set.")
 

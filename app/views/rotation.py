@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, choose_layer, current_store, guarded, side_by_side, table
+from app.common import chart_downloads, guarded, side_by_side, store_and_layer, table
 from figures.rotation import curve_chart, curves, sorted_band, summary_row
 
 
@@ -45,13 +45,10 @@ def layer_view(store, layer: str) -> None:
 
 
 def render() -> None:
-    store = current_store()
-    if store is None:
+    chosen = store_and_layer("Units against random directions", "rotation")
+    if chosen is None:
         return
-    st.title("Units against random directions")
-    layer = choose_layer(store, "rotation")
-    if layer is None:
-        return
+    store, layer = chosen
     side_by_side(store, layer, "rotation", layer_view)
     st.caption("Ablating direction j of a random orthogonal basis Q removes q_j (q_j^T a) from the activation a at "
                "every position; a unit is the special case Q = identity. A units curve above the random one means "
