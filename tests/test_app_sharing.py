@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from store import StoreReader, list_stores
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,21 +47,6 @@ def varied_store(tiny_run, tmp_path, monkeypatch):
     return path
 
 
-def app(page: str, store: Path, compare: Path | None = None, **params):
-    """The page as a link opens it: query parameters set, the sidebar's chosen stores in session state (AppTest runs
-    a switched-to page without the entry point, so the entry point's own link handling is tested on its first run)."""
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "views" / f"{page}.py"), default_timeout=120)
-    at.session_state["store_path"] = str(store)
-    at.session_state["compare_path"] = None if compare is None else str(compare)
-    for key, value in params.items():
-        at.query_params[key] = value
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
 def entry(**params):
     from streamlit.testing.v1 import AppTest
 
@@ -91,7 +77,7 @@ def test_search_page_reads_its_filters_from_the_link(varied_store):
     drops = store.layer("conv5", "ablation", "class_drop")
     hurt = drops.max(1) > 0
     target = store.classes[int(np.bincount(drops.argmax(1)[hurt]).argmax())]
-    at = app("search", varied_store, **{"class": target})
+    at = open_view("search", varied_store, **{"class": target})
     found = at.dataframe[0].value
     expected = sum(int(((d := store.layer(layer, "ablation", "class_drop")).max(1) > 0)
                        [d.argmax(1) == store.classes.index(target)].sum()) for layer in store.layers)
@@ -105,14 +91,14 @@ def test_search_by_attribute_range_matches_the_store(store_env):
     store = StoreReader(store_env["store"])
     iou = np.concatenate([store.layer(layer, "dissection", "best_iou") for layer in store.layers])
     low = float(np.median(iou))
-    at = app("search", store_env["store"], attribute="best IoU", low=str(low))
+    at = open_view("search", store_env["store"], attribute="best IoU", low=str(low))
     assert len(at.dataframe[0].value) == int((iou >= low).sum())
 
 
 def test_unit_link_restores_layer_unit_and_class(store_env):
     store = StoreReader(store_env["store"])
     target = store.classes[2]
-    at = app("unit", store_env["store"], layer="conv4", unit="3", **{"class": target})
+    at = open_view("unit", store_env["store"], layer="conv4", unit="3", **{"class": target})
     assert at.selectbox(key="layer").value == "conv4"
     assert at.number_input[0].value == 3
     expected = 100 * store.layer("conv4", "ablation", "class_drop")[3, 2]
@@ -133,7 +119,7 @@ def test_greedy_link_restores_the_class(store_env):
 
 @pytest.mark.parametrize("page", ["overview", "dissection", "rotation"])
 def test_compare_shows_both_stores_side_by_side(two_stores, page):
-    at = app(page, two_stores / "demo.h5", two_stores / "demo-copy.h5")
+    at = open_view(page, two_stores / "demo.h5", two_stores / "demo-copy.h5")
     headers = [h.value for h in at.subheader]
     assert "demo" in headers and "demo-copy" in headers
 
@@ -148,13 +134,13 @@ def test_a_compare_link_picks_both_stores(two_stores):
 
 
 def test_compare_on_attributes_adds_the_other_store(two_stores):
-    at = app("attributes", two_stores / "demo.h5", two_stores / "demo-copy.h5")
+    at = open_view("attributes", two_stores / "demo.h5", two_stores / "demo-copy.h5")
     assert any("demo-copy" in h.value for h in at.header)
     assert len(at.get("vega_lite_chart")) == 2
 
 
 def test_every_chart_has_image_and_csv_downloads(store_env):
-    at = app("overview", store_env["store"], layer="conv5")
+    at = open_view("overview", store_env["store"], layer="conv5")
     buttons = {b.proto.label: b.proto for b in at.get("download_button")}
     assert {"PNG", "SVG", "CSV"} <= set(buttons)
     assert buttons["PNG"].deferred_file_id or buttons["PNG"].url  # rendered only when clicked
@@ -204,19 +190,19 @@ def test_pickled_bytes_in_a_store_are_never_unpickled(tiny_run, tmp_path):
 
 
 def test_unit_compare_shows_the_same_unit_only_for_the_same_weights(two_stores):
-    at = app("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
+    at = open_view("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
     headers = [h.value for h in at.subheader]
     assert headers.index("demo") < headers.index("demo-copy")
     assert len(at.get("vega_lite_chart")) == 2
     with h5py.File(two_stores / "demo-copy.h5", "a") as handle:
         handle.attrs["weights_sha256"] = "0" * 64
-    at = app("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
+    at = open_view("unit", two_stores / "demo.h5", two_stores / "demo-copy.h5", layer="conv5", unit="4")
     assert len(at.get("vega_lite_chart")) == 1
     assert any("units of separately trained networks do not correspond" in i.value for i in at.info)
 
 
 def test_variants_link_picks_its_stores(two_stores):
-    at = app("variants", two_stores / "demo.h5", stores="demo-copy,nonexistent,demo")
+    at = open_view("variants", two_stores / "demo.h5", stores="demo-copy,nonexistent,demo")
     assert at.multiselect(key="variant_stores").value == ["demo-copy", "demo"]
     assert at.query_params["stores"] == "demo-copy,demo"
     assert len(at.get("vega_lite_chart")) == 2

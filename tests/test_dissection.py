@@ -19,6 +19,7 @@ from compute.models.registry import Preprocess
 from compute.quantiles import TopQuantile
 from compute.sequence import run_to
 from store import StoreReader
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = Preprocess(resize=64, crop=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -228,12 +229,7 @@ def test_missing_concepts_skip_the_stage_naming_the_option():
 
 
 def test_dissection_page_counts_detectors(store_env):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "dissection.py"), default_timeout=60)
-    at.session_state["store_path"] = str(store_env["store"])
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("dissection", store_env["store"])
     best_iou = StoreReader(store_env["store"]).layer("conv5", "dissection", "best_iou")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Units"] == "128" and metrics["Detectors"] == str(int((best_iou > 0.04).sum()))

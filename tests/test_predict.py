@@ -10,6 +10,7 @@ from compute import predict
 from compute.errors import UserError
 from store import StoreReader, StoreWriter
 from store.writer import write_array
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parents[1]
 K, UNITS, LAYER = 4, 40, "conv5"
@@ -124,13 +125,8 @@ def test_mismatched_stores_are_refused(instances, tmp_path, change):
 
 
 def test_prediction_page_computes_then_shows_tables(instances, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(instances[0].parent))
-    at = AppTest.from_file(ROOT / "app" / "views" / "prediction.py", default_timeout=60)
-    at.session_state["store_path"] = str(instances[0])
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("prediction", instances[0])
     assert at.info and "no prediction table" in at.info[0].value
     assert at.multiselect(key="predict_stores").value == [str(p) for p in instances]
     at.button[0].click().run()
@@ -138,10 +134,7 @@ def test_prediction_page_computes_then_shows_tables(instances, monkeypatch):
     assert at.success and at.get("vega_lite_chart") and at.dataframe
     assert StoreReader(instances[3]).has(f"prediction/{LAYER}/accuracy")
 
-    fresh = AppTest.from_file(ROOT / "app" / "views" / "prediction.py", default_timeout=60)
-    fresh.session_state["store_path"] = str(instances[0])
-    fresh.run()
-    assert not fresh.exception, fresh.exception
+    fresh = open_view("prediction", instances[0])
     shown = fresh.dataframe[0].value
     assert list(shown["attribute"]) == ["class correlation", "class selectivity", "ensemble"]
     assert shown["accuracy (%)"].iloc[0] > 90

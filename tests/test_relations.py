@@ -9,6 +9,7 @@ from scipy import stats
 
 from compute.relations import drop_targets, relation_table, scalar_attributes
 from store import StoreReader
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,12 +87,7 @@ def test_pipeline_stores_the_relations_table(tiny_run):
 
 
 def test_attributes_page_renders(store_env):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(ROOT / "app" / "views" / "attributes.py", default_timeout=60)
-    at.session_state["store_path"] = str(store_env["store"])
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("attributes", store_env["store"])
     assert at.get("vega_lite_chart"), "the scatterplots are missing"
     assert len(at.dataframe) >= 2  # coefficients and the ranking
     assert at.dataframe[-1].value["max class drop"].is_monotonic_decreasing  # the ranking, by default

@@ -12,6 +12,7 @@ import torch
 from compute.rotation import random_rotation, sweep
 from compute.single_unit import drops
 from store import StoreReader
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,12 +115,7 @@ def test_rotations_zero_skips_the_stage():
 
 
 def test_rotation_page_shows_curves_and_summary(store_env):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "rotation.py"), default_timeout=60)
-    at.session_state["store_path"] = str(store_env["store"])
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("rotation", store_env["store"])
     labels = [metric.label for metric in at.metric]
     assert "Median max class drop, units" in labels and "Units / random" in labels
     assert len(at.get("vega_lite_chart")) == 2

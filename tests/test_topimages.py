@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from compute.sequence import run_to
 from compute.topimages import thumbnail, top_indices, validation_thresholds
 from store import StoreReader
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,12 +89,7 @@ def test_store_masks_are_upsampled_maps_above_threshold(tiny_run, validation):
 
 
 def test_unit_page_shows_concept_and_top_images(store_env):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "unit.py"), default_timeout=60)
-    at.session_state["store_path"] = str(store_env["store"])
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("unit", store_env["store"])
     labels = [m.label for m in at.metric]
     assert {"Best concept", "Category", "IoU"} <= set(labels)
     assert len(at.get("image")) == 3  # the unit's top 3 images
@@ -106,16 +102,12 @@ def test_unit_sections_name_the_command_when_results_are_missing(tiny_run, tmp_p
     import shutil
 
     import h5py
-    from streamlit.testing.v1 import AppTest
 
     copy = Path(shutil.copy(tiny_run["store"], tmp_path / "demo.h5"))
     with h5py.File(copy, "a") as handle:
         for layer in ("conv3", "conv4", "conv5"):
             del handle[f"layers/{layer}/dissection"], handle[f"layers/{layer}/topimages"]
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(tmp_path))
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "unit.py"), default_timeout=60)
-    at.session_state["store_path"] = str(copy)
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("unit", copy)
     notes = " ".join(c.value for c in at.caption)
     assert "no dissection results for conv5" in notes and "no topimages results for conv5" in notes

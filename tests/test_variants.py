@@ -14,6 +14,7 @@ from torch import nn
 from compute.errors import UserError
 from compute.models import get_spec
 from store import StoreReader
+from tests.views import open_view
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -180,12 +181,7 @@ def variant_stores(tiny_run, tmp_path, monkeypatch):
 
 
 def test_variants_page_compares_stores(variant_stores):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "variants.py"), default_timeout=60)
-    at.session_state["store_path"] = str(variant_stores / "demo.h5")
-    at.run()
-    assert not at.exception, at.exception
+    at = open_view("variants", variant_stores / "demo.h5")
     assert at.multiselect[0].value == ["demo", "demo-dropout"]
     assert len(at.get("vega_lite_chart")) == 2  # Fig. 8 curves and Fig. 9 counts
     table = at.dataframe[0].value
