@@ -36,8 +36,16 @@ def main(argv=None) -> int:
     parser.add_argument("--class", dest="class_index", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the live work (the app uses 1)")
+    parser.add_argument("--hold-gb", type=float, help="live-memory budget (default: $UNIT_ABLATION_LIVE_MEMORY or 2); "
+                                                       "0 streams the layer from the store")
+    parser.add_argument("--score", action="store_true", help="also score the order on every image (slow on a CPU "
+                                                             "for a paper-sized layer)")
     args = parser.parse_args(argv)
-    session = timed("load session from the store", lambda: load_session(args.store, args.layer))
+    hold = None if args.hold_gb is None else int(args.hold_gb * (1 << 30))
+    session = timed("load session from the store", lambda: load_session(args.store, args.layer, hold=hold))
+    print(f"activations {session.acts.nbytes / 2**20:,.0f} MB, "
+          f"{'held in memory' if session.acts.held is not None else 'streamed from the store'}")
+    timed("read one class's activations", lambda: session.acts.take(session.images_of([args.class_index])))
     session.threads = args.threads
     images = len(session.images_of([args.class_index]))
     print(f"{args.layer}: {session.units} units, class {session.class_names[args.class_index]} ({images} images), "
@@ -50,7 +58,8 @@ def main(argv=None) -> int:
         return state
 
     state = timed(f"live greedy, {args.steps} steps", run_greedy)
-    timed("score the order on all images", lambda: session.path_accuracy(state.chosen))
+    if args.score:
+        timed("score the order on all images", lambda: session.path_accuracy(state.chosen))
     print(f"order {state.chosen}")
     print(f"class accuracy {state.scores[0]:.3f} -> {state.scores[-1]:.3f}")
     return 0

@@ -367,7 +367,7 @@ class Builder:
         with self.writer.stage(f"live/{layer}") as h5:
             group = f"layers/{layer}/live"
             data = create_array(h5, f"{group}/acts", (n, units, MAP, MAP), np.float32,
-                                chunks=(min(batch, n), units, MAP, MAP))
+                                chunks=(1, units, MAP, MAP))  # as compute/live.py writes it
             for start in range(0, n, batch):
                 size = min(batch, n - start)
                 values = self.rng.random((size, units, MAP, MAP), dtype=np.float32)

@@ -23,8 +23,10 @@ def run_stage(ctx, layer: str) -> None:
         for acts, _, idx in ctx.activations([layer], desc=f"keeping {layer} activations for live work"):
             a = acts[layer].cpu().numpy()
             if first:
+                # One image per chunk: a live greedy run on a layer too big to hold reads one class's images,
+                # scattered over the validation set (173 KB per chunk for AlexNet conv5).
                 data = create_array(h5, f"{group}/acts", (len(ctx.images),) + a.shape[1:], np.float32,
-                                    chunks=(min(64, len(ctx.images)),) + a.shape[1:])
+                                    chunks=(1,) + a.shape[1:])
                 first = False
             data[idx.numpy().min(): idx.numpy().max() + 1] = a
         for name, tensor in tail.state_dict().items():

@@ -3,7 +3,10 @@
 compute/live.py keeps, for the live layers, every validation image's activations ``layers/<L>/live/acts`` [N, C, H, W]
 and the tail's weights ``layers/<L>/live/tail/*``. With the architecture from the model registry (by the store's
 ``model`` attribute) that is all a greedy run or a hand-picked ablation needs: no images, no checkpoint. The whole
-activation array is held in memory (39 MB for the demo's conv5).
+activation array is held in memory when it fits the live-memory budget (39 MB for the demo's conv5; default budget
+2 GB, ``$UNIT_ABLATION_LIVE_MEMORY`` in GB). A larger layer (AlexNet conv5 on 36,500 Places365 images is 6.3 GB) is
+read from the store as needed instead: a greedy run reads its classes' images, and the accuracy of a finished path
+streams every image in blocks.
 
 Live work runs on one torch thread by default: each engine call is small (a class's images times the candidate
 units), and on the shared 2-core CPU two OpenMP threads took 6x the wall time of one for 20 greedy steps (26 s
@@ -12,6 +15,7 @@ against 4 s, machine load ~20); in the app several users' live runs may also sha
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +31,52 @@ from compute.models import get_spec
 from store import StoreError, StoreReader
 
 
+LIVE_MEMORY_ENV = "UNIT_ABLATION_LIVE_MEMORY"
+BLOCK_BYTES = 256 << 20  # activations read per block when streaming every image
+
+
+def live_memory_budget() -> int:
+    """Bytes of activations a session may hold in memory (``$UNIT_ABLATION_LIVE_MEMORY`` GB, default 2)."""
+    return int(float(os.environ.get(LIVE_MEMORY_ENV, "2")) * (1 << 30))
+
+
+class StoredActivations:
+    """A live layer's activations [N, C, H, W]: held in memory when they fit ``budget`` bytes, else read from the store
+    when asked, some images at a time or every image in blocks of about ``block_bytes``."""
+
+    def __init__(self, reader: StoreReader, path: str, budget: int, block_bytes: int = BLOCK_BYTES):
+        self.reader, self.path = reader, path
+        self.shape = reader.shape(path)
+        image_bytes = int(np.prod(self.shape[1:])) * 4
+        self.nbytes = image_bytes * self.shape[0]
+        self.block = max(1, block_bytes // image_bytes)
+        self.held = self._read(()) if self.nbytes <= budget else None
+
+    def _read(self, selection) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.reader.read(self.path, selection)))
+
+    def take(self, indices) -> torch.Tensor:
+        """The activations of images ``indices`` (increasing), in that order."""
+        if self.held is not None:
+            return self.held[torch.as_tensor(indices, dtype=torch.long)]
+        return self._read([int(i) for i in indices])
+
+    def blocks(self):
+        """(slice of images, their activations) covering every image in order."""
+        if self.held is not None:
+            yield slice(0, self.shape[0]), self.held
+            return
+        for start in range(0, self.shape[0], self.block):
+            part = slice(start, min(start + self.block, self.shape[0]))
+            yield part, self._read(part)
+
+
 @dataclass
 class LiveSession:
     """One layer of one store, ready for live ablations."""
 
     layer: str
-    acts: torch.Tensor  # [N, C, H, W]
+    acts: StoredActivations
     labels: torch.Tensor  # [N]
     class_names: list[str]
     engine: AblationEngine
@@ -57,16 +101,17 @@ class LiveSession:
 
     def baseline(self) -> Outcome:
         with self._threads():
-            return self.engine.baseline(self.acts, self.labels)
+            parts = [self.engine.baseline(acts, self.labels[part]) for part, acts in self.acts.blocks()]
+        return Outcome(torch.cat([o.pred for o in parts], -1), torch.cat([o.true_prob for o in parts], -1))
 
     def images_of(self, group) -> np.ndarray:
         return np.flatnonzero(np.isin(self.labels.numpy(), list(group)))
 
     def start_greedy(self, group) -> greedy.GreedyState:
         """A greedy run whose objective is the mean class accuracy of ``group``, on those classes' images."""
-        chosen = torch.as_tensor(self.images_of(group))
+        chosen = self.images_of(group)
         with self._threads():
-            return greedy.start(self.engine, self.acts[chosen], self.labels[chosen], group)
+            return greedy.start(self.engine, self.acts.take(chosen), self.labels[torch.as_tensor(chosen)], group)
 
     def advance(self, state: greedy.GreedyState) -> int:
         with self._threads():
@@ -74,9 +119,11 @@ class LiveSession:
 
     def path_accuracy(self, order) -> tuple[np.ndarray, np.ndarray]:
         """Class accuracy [S+1, K] and overall accuracy [S+1] of all images as ``order``'s units go one by one."""
+        counts = 0
         with self._threads():
-            paths = greedy.ablation_paths(self.engine, self.acts, self.labels, [list(order)])[0]
-        counts = greedy.correct_counts(paths, self.labels, self.num_classes)
+            for part, acts in self.acts.blocks():  # integer counts: summing blocks changes nothing
+                paths = greedy.ablation_paths(self.engine, acts, self.labels[part], [list(order)])[0]
+                counts = counts + greedy.correct_counts(paths, self.labels[part], self.num_classes)
         per_class = np.maximum(np.bincount(self.labels.numpy(), minlength=self.num_classes), 1)
         return counts / per_class, counts.sum(1) / len(self.labels)
 
@@ -91,8 +138,10 @@ def tail_state(reader: StoreReader, layer: str) -> dict[str, np.ndarray]:
     return {name: reader.read(prefix + name) for name in names}
 
 
-def load_session(path, layer: str, max_memory: int = 1 << 30) -> LiveSession:
-    """Rebuild the live session of ``layer`` from the store at ``path`` (StoreError when it holds no live data)."""
+def load_session(path, layer: str, max_memory: int = 1 << 30, hold: int | None = None,
+                 block_bytes: int = BLOCK_BYTES) -> LiveSession:
+    """Rebuild the live session of ``layer`` from the store at ``path`` (StoreError when it holds no live data).
+    Activations up to ``hold`` bytes (default: the live-memory budget) are held in memory, larger ones streamed."""
     reader = StoreReader(Path(path))
     reader.require(layer, "live")
     try:
@@ -102,6 +151,7 @@ def load_session(path, layer: str, max_memory: int = 1 << 30) -> LiveSession:
     info = reader.read_attrs(f"layers/{layer}/live")
     num_classes = int(info.get("num_classes", len(reader.classes)))
     tail = load_tail(spec, num_classes, layer, tail_state(reader, layer))
-    acts = torch.from_numpy(np.ascontiguousarray(reader.read(f"layers/{layer}/live/acts")))
+    acts = StoredActivations(reader, f"layers/{layer}/live/acts", live_memory_budget() if hold is None else hold,
+                             block_bytes)
     labels = torch.from_numpy(reader.read("images/labels").astype(np.int64))
     return LiveSession(layer, acts, labels, list(reader.classes), AblationEngine(tail, max_memory=max_memory))

@@ -211,6 +211,22 @@ def test_live_session_matches_the_store(tiny_run):
     assert np.allclose(class_acc, store.layer(LAYER, "greedy", "all_class_acc")[4], atol=1e-6)
 
 
+def test_a_layer_too_big_to_hold_is_streamed_from_the_store_with_equal_results(tiny_run):
+    from compute.live_session import load_session
+
+    held = load_session(tiny_run["store"], LAYER)
+    shape = held.acts.shape
+    streamed = load_session(tiny_run["store"], LAYER, hold=0, block_bytes=50 * 4 * int(np.prod(shape[1:])))
+    assert held.acts.held is not None and streamed.acts.held is None and streamed.acts.block == 50
+    assert len(list(streamed.acts.blocks())) == -(-shape[0] // 50) > 1
+    assert torch.equal(held.baseline().pred, streamed.baseline().pred)
+    states = [session.start_greedy([2, 7]) for session in (held, streamed)]
+    for _ in range(3):
+        assert held.advance(states[0]) == streamed.advance(states[1])
+    for mine, theirs in zip(held.path_accuracy(states[0].chosen), streamed.path_accuracy(states[1].chosen)):
+        assert np.array_equal(mine, theirs)
+
+
 def test_live_session_without_live_data_says_which_command(tiny_run):
     from compute.live_session import load_session
     from store import StoreError

@@ -291,17 +291,23 @@ def saved_runs(store, layer: str) -> None:
 
 
 def live(store) -> None:
-    layers = [layer for layer in store.layers if store.has(f"layers/{layer}/live/acts")]  # torch loads only if used
+    layers = [layer for layer in store.layers if store.has(f"layers/{layer}/live/acts")]
     if not layers:
         try:
             store.require(store.layers[-1] if store.layers else "?", "live")
         except StoreError as error:
             st.warning(str(error))
         return
+    from compute.live_session import live_memory_budget  # imports torch: only on a store with live data
+
     layer = st.selectbox("Layer (layers with live data)", layers, index=len(layers) - 1, key="live_layer")
     size = int(np.prod(store.shape(f"layers/{layer}/live/acts"))) * 4
-    if not st.toggle(f"Load {layer}'s activations for live work ({size / 2**20:,.0f} MB in memory)", key="live_on",
-                     help="Held by the app process while any session uses them; only loaded when asked for."):
+    held = size <= live_memory_budget()
+    where = f"{size / 2**20:,.0f} MB in memory" if held else f"{size / 2**30:,.1f} GB, read from the store as needed"
+    if not st.toggle(f"Load {layer}'s activations for live work ({where})", key="live_on",
+                     help="Layers up to the live-memory budget ($UNIT_ABLATION_LIVE_MEMORY GB, default 2) are held by "
+                          "the app process while any session uses them; larger ones are read a class at a time, and "
+                          "a finished path's accuracy streams every image."):
         return
     session = session_for(store, layer)
     request = live_request(store, session)
