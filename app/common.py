@@ -116,17 +116,17 @@ def _slug(name: str) -> str:
 
 
 def chart_downloads(chart, name: str, frame: pd.DataFrame | None = None) -> None:
-    """PNG, SVG (and the chart's numbers as CSV) download buttons; images are rendered only when clicked."""
+    """PNG, SVG (and the chart's numbers as CSV) download buttons in one row; images are rendered only when clicked."""
     name = _slug(name)
-    cols = st.columns([1, 1, 1, 5] if frame is not None else [1, 1, 6])
-    for col, fmt in zip(cols, ("png", "svg")):
-        col.download_button(fmt.upper(), lambda fmt=fmt: render_chart(chart, fmt), file_name=f"{name}.{fmt}",
+    row = st.container(horizontal=True, gap="small")
+    for fmt in ("png", "svg"):
+        row.download_button(fmt.upper(), lambda fmt=fmt: render_chart(chart, fmt), file_name=f"{name}.{fmt}",
                             mime="image/png" if fmt == "png" else "image/svg+xml", key=f"download-{name}-{fmt}",
-                            icon=":material/download:", type="tertiary")
+                            icon=":material/download:", type="tertiary", width="content")
     if frame is not None:
-        cols[2].download_button("CSV", lambda: frame.to_csv(index=False).encode(), file_name=f"{name}.csv",
-                                mime="text/csv", key=f"download-{name}-csv", icon=":material/download:",
-                                type="tertiary")
+        row.download_button("CSV", lambda: frame.to_csv(index=False).encode(), file_name=f"{name}.csv",
+                            mime="text/csv", key=f"download-{name}-csv", icon=":material/download:",
+                            type="tertiary", width="content")
 
 
 def table(frame: pd.DataFrame, name: str, **options) -> None:
@@ -136,6 +136,18 @@ def table(frame: pd.DataFrame, name: str, **options) -> None:
     st.download_button("CSV", lambda: frame.to_csv(index=keep_index).encode(), file_name=f"{_slug(name)}.csv",
                        mime="text/csv", key=f"download-{_slug(name)}-table", icon=":material/download:",
                        type="tertiary")
+
+
+def split() -> bool:
+    """Whether the page shows two stores side by side (each in half the width)."""
+    return bool(st.session_state.get("compare_path"))
+
+
+def grid(cells: int) -> list:
+    """``cells`` containers in one row, or in rows of two when the page is split (metrics stay readable)."""
+    if not split():
+        return list(st.columns(cells))
+    return [column for _ in range(0, cells, 2) for column in st.columns(2)][:cells]
 
 
 def side_by_side(store, layer: str, section: str, body) -> None:

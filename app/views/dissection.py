@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, guarded, side_by_side, store_and_layer, table
+from app.common import chart_downloads, grid, guarded, side_by_side, store_and_layer, table
 from app.unit_sections import section_attrs
 from figures.dissection import concept_table, counts_chart, detector_frame
 
@@ -48,7 +48,7 @@ def layer_view(store, layer: str, threshold: float) -> None:
     best = loaders.layer_array(store.path, layer, "dissection", "best_concept")
     best_iou = loaders.layer_array(store.path, layer, "dissection", "best_iou")
     detectors = detector_frame(best, best_iou, names, categories, threshold)
-    cols = st.columns(4)
+    cols = grid(4)
     cols[0].metric("Units", len(best))
     cols[1].metric("Detectors", len(detectors), help=f"best-concept IoU above {threshold:.2f}")
     cols[2].metric("Distinct concepts", detectors["concept"].nunique())

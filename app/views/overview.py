@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, guarded, side_by_side, store_and_layer
+from app.common import chart_downloads, grid, guarded, side_by_side, store_and_layer
 from figures.overview import curve_chart, curve_frame, median_ratio
 
 
@@ -18,7 +18,7 @@ def layer_view(store, layer: str) -> None:
     base = loaders.layer_array(store.path, layer, "ablation", "baseline_class_acc")
     max_drop = class_drop.max(1)
     ratio = median_ratio(class_drop, overall, store.attrs.get("num_images", 1))
-    cols = st.columns(4)
+    cols = grid(4)
     cols[0].metric("Units", len(overall))
     cols[1].metric("Baseline accuracy", f"{100 * float(np.mean(base)):.1f}%")
     cols[2].metric("Median max class drop", f"{100 * np.median(max_drop):.1f} pts")

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, guarded, side_by_side, store_and_layer, table
+from app.common import chart_downloads, grid, guarded, side_by_side, split, store_and_layer, table
 from figures.rotation import curve_chart, curves, sorted_band, summary_row
 
 
@@ -27,7 +27,7 @@ def layer_view(store, layer: str) -> None:
     store.require(layer, "ablation")
     layer_data = layer_curves(store, layer)
     row = summary_row(layer, layer_data)
-    cols = st.columns(4)
+    cols = grid(4)
     cols[0].metric("Median max class drop, units", f"{row['median max class drop, units']:.1f} pts")
     cols[1].metric("Median max class drop, random", f"{row['median max class drop, random']:.1f} pts",
                    help=f"mean over {row['rotations']} random rotation(s)")
@@ -35,7 +35,8 @@ def layer_view(store, layer: str) -> None:
                    help="median max class drop of units over that of random directions")
     cols[3].metric("Median overall drop, units vs random",
                    f"{row['median overall drop, units']:.2f} / {row['median overall drop, random']:.2f} pts")
-    for column, name in zip(st.columns(2), ("max class drop", "overall drop")):
+    places = (st.container(), st.container()) if split() else st.columns(2)  # stacked in half a page
+    for column, name in zip(places, ("max class drop", "overall drop")):
         with column:
             chart = curve_chart(layer_data[name], name)
             st.altair_chart(chart, width="stretch")
