@@ -120,6 +120,26 @@ def relation_table(attributes: dict[str, np.ndarray], targets: dict[str, np.ndar
     return table
 
 
+TABLE = ("attributes", "targets", "pearson_r", "pearson_p", "pearson_ci", "spearman_r", "spearman_p", "spearman_ci")
+
+
+def store_reader(read_path, has_path, layer: str) -> Reader:
+    """read(section, name) over a finished store's layer, from ``read_path(path)`` and ``has_path(path)`` (a
+    StoreReader's, or the app's cached ones); None where the store lacks the dataset."""
+    def read(section: str, name: str):
+        path = f"layers/{layer}/{section}/{name}"
+        return read_path(path) if has_path(path) else None
+    return read
+
+
+def coefficients(read: Reader, attributes: dict, targets: dict) -> dict:
+    """The stored relations table, or (for a store computed before the relations stage) the coefficients computed
+    now, without bootstrap intervals."""
+    if read("relations", "pearson_r") is not None:
+        return {name: read("relations", name) for name in TABLE}
+    return relation_table(attributes, targets, n_resamples=0)
+
+
 def _part_reader(writer, layer: str) -> Reader:
     """read(section, name) over the parts earlier stages of this run wrote; None for a stage not done or a name
     that stage did not write."""

@@ -59,7 +59,7 @@ class Report:
 
 def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
     """Every per-layer figure the store has the sections for."""
-    from compute.relations import CONFIDENCE, TARGETS, drop_targets, relation_table, scalar_attributes
+    from compute.relations import CONFIDENCE, TARGETS, coefficients, drop_targets, scalar_attributes, store_reader
 
     title = f"{store.name} {layer}"
     drop = store.layer(layer, "ablation", "class_drop")
@@ -67,10 +67,9 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
     frame = overview.curve_frame(drop, overall)
     report.figure(f"fig3-{layer}", overview.curve_chart(frame, title=title), frame)
     if store.has_section(layer, "attributes"):
-        read = _reader(store, layer)
+        read = store_reader(store.read, store.has, layer)
         attributes, targets = scalar_attributes(read), drop_targets(read)
-        table = (_stored_relations(store, layer) if store.has(f"layers/{layer}/relations/pearson_r")
-                 else relation_table(attributes, targets, n_resamples=0))
+        table = coefficients(read, attributes, targets)
         units = fig5.unit_frame(attributes, targets, drop, list(store.classes))
         shown = [name for name in attributes if name in list(table["attributes"])]
         report.figure(f"fig5-{layer}", fig5.scatter_grid(units, shown, [name for name, *_ in TARGETS], table,
@@ -102,28 +101,14 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
         report.figure(f"table1-{layer}", prediction.accuracy_chart(table), prediction.table_frame(table))
 
 
-def _reader(store: StoreReader, layer: str):
-    def read(section: str, name: str):
-        path = f"layers/{layer}/{section}/{name}"
-        return store.read(path) if store.has(path) else None
-    return read
-
-
-def _stored_relations(store: StoreReader, layer: str) -> dict:
-    names = ("attributes", "targets", "pearson_r", "pearson_p", "pearson_ci", "spearman_r", "spearman_p", "spearman_ci")
-    return {name: store.layer(layer, "relations", name) for name in names}
-
-
 def detector_figure(report: Report, store: StoreReader, layers: list[str], threshold: float) -> None:
     names, categories = store.read("concepts/names"), store.read("concepts/categories")
-    frames = []
-    for layer in layers:
-        found = dissection.detector_frame(store.layer(layer, "dissection", "best_concept"),
-                                          store.layer(layer, "dissection", "best_iou"), names, categories, threshold)
-        counts = found.groupby("category").size()
-        frames.append(pd.DataFrame({"layer": layer, "category": counts.index, "units": counts.values}))
-        report.table(f"dissection-{layer}-concepts", dissection.concept_table(found))
-    counts = pd.concat(frames, ignore_index=True)
+    found = {layer: dissection.detector_frame(store.layer(layer, "dissection", "best_concept"),
+                                              store.layer(layer, "dissection", "best_iou"), names, categories,
+                                              threshold) for layer in layers}
+    for layer, detectors in found.items():
+        report.table(f"dissection-{layer}-concepts", dissection.concept_table(detectors))
+    counts = dissection.category_counts(found)
     report.figure("dissection-detectors", dissection.counts_chart(counts, layers).properties(
         title=f"{store.name}: detector units (IoU > {threshold})"), counts)
 

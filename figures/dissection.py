@@ -34,3 +34,12 @@ def counts_chart(counts: pd.DataFrame, layers: list[str]) -> alt.Chart:
         xOffset="category:N",
         tooltip=["layer", "category", "units"],
     ).properties(height=300)
+
+
+def category_counts(detectors: dict) -> pd.DataFrame:
+    """Detector units per layer and category (layer, category, units) from {layer: detector_frame(...)}."""
+    frames = []
+    for layer, found in detectors.items():
+        counts = found.groupby("category").size()
+        frames.append(pd.DataFrame({"layer": layer, "category": counts.index, "units": counts.values}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["layer", "category", "units"])

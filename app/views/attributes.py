@@ -14,28 +14,10 @@ import streamlit as st
 
 from app import loaders
 from app.common import chart_downloads, compare_store, guarded, store_and_layer, table
-from compute.relations import CONFIDENCE, TARGETS, drop_targets, relation_table, scalar_attributes
+from compute.relations import CONFIDENCE, TARGETS, coefficients, drop_targets, scalar_attributes, store_reader
 from figures.attributes import coefficient_frame, scatter_grid, unit_frame
 
 TARGET_NAMES = [name for name, *_ in TARGETS]
-
-
-def layer_reader(store, layer: str):
-    """read(section, name) for compute.relations: the layer's cached array, or None where the store lacks it."""
-    def read(section: str, name: str):
-        path = f"layers/{layer}/{section}/{name}"
-        return loaders.array(store.path, path) if store.has(path) else None
-    return read
-
-
-def coefficients(store, layer: str, attributes: dict, targets: dict) -> dict:
-    """The stored relations table, or (for a store computed before the relations stage) coefficients computed now
-    without bootstrap intervals."""
-    if store.has(f"layers/{layer}/relations/pearson_r"):
-        names = ("attributes", "targets", "pearson_r", "pearson_p", "pearson_ci", "spearman_r", "spearman_p",
-                 "spearman_ci")
-        return {name: loaders.layer_array(store.path, layer, "relations", name) for name in names}
-    return relation_table(attributes, targets, n_resamples=0)
 
 
 def brushed_units(frame: pd.DataFrame, brush: dict) -> pd.DataFrame:
@@ -60,9 +42,9 @@ def ranking(frame: pd.DataFrame, store_name: str, layer: str) -> None:
 def layer_data(store, layer: str) -> tuple[pd.DataFrame, dict, list[str]]:
     """The per-unit frame, the coefficient table and the attributes it covers, for one store's layer."""
     store.require(layer, "ablation")
-    read = layer_reader(store, layer)
+    read = store_reader(lambda path: loaders.array(store.path, path), store.has, layer)
     attributes, targets = scalar_attributes(read), drop_targets(read)
-    coefficients_table = coefficients(store, layer, attributes, targets)
+    coefficients_table = coefficients(read, attributes, targets)
     shown = [name for name in attributes if name in list(coefficients_table["attributes"])]
     frame = unit_frame(attributes, targets, loaders.layer_array(store.path, layer, "ablation", "class_drop"),
                        list(store.classes))

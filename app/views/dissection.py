@@ -10,22 +10,17 @@ import streamlit as st
 from app import loaders
 from app.common import chart_downloads, grid, guarded, side_by_side, store_and_layer, table
 from app.unit_sections import section_attrs
-from figures.dissection import concept_table, counts_chart, detector_frame
+from figures.dissection import category_counts, concept_table, counts_chart, detector_frame
 
 
 def layer_counts(store, threshold: float) -> pd.DataFrame:
     """Detectors per layer and category, over every dissected layer of the store."""
     names = loaders.array(store.path, "concepts/names")
     categories = loaders.array(store.path, "concepts/categories")
-    frames = []
-    for layer in store.layers:
-        if not store.has_section(layer, "dissection"):
-            continue
-        best = loaders.layer_array(store.path, layer, "dissection", "best_concept")
-        best_iou = loaders.layer_array(store.path, layer, "dissection", "best_iou")
-        counts = detector_frame(best, best_iou, names, categories, threshold).groupby("category").size()
-        frames.append(pd.DataFrame({"layer": layer, "category": counts.index, "units": counts.values}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["layer", "category", "units"])
+    return category_counts({layer: detector_frame(loaders.layer_array(store.path, layer, "dissection", "best_concept"),
+                                                  loaders.layer_array(store.path, layer, "dissection", "best_iou"),
+                                                  names, categories, threshold)
+                            for layer in store.layers if store.has_section(layer, "dissection")})
 
 
 def open_unit(store, layer: str, detectors: pd.DataFrame) -> None:
