@@ -56,11 +56,11 @@ def drops(result: dict) -> dict:
 
 def _combine(shares: list) -> dict:
     """Put the ranks' unit shares back in unit order (a lone process has one share holding every unit)."""
-    units = np.concatenate([indices for indices, _ in shares])
-    order = np.argsort(units, kind="stable")
+    from compute.context import RunContext
+
     first = shares[0][1]
-    return {"units": units[order], "base_correct": first["base_correct"], "counts": first["counts"],
-            "unit_correct": np.concatenate([arrays["unit_correct"] for _, arrays in shares])[order]}
+    return {"units": np.sort(np.concatenate([indices for indices, _ in shares])), "base_correct": first["base_correct"],
+            "counts": first["counts"], **RunContext.in_item_order(shares, ["unit_correct"])}
 
 
 def run_stage(ctx, layer: str) -> None:
