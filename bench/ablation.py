@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compute import ties  # noqa: E402
 from compute.engine import AblationEngine, single_unit_masks  # noqa: E402
 from compute.models import get_spec  # noqa: E402
 from compute.sequence import run_to, step_names, tail_of  # noqa: E402
@@ -92,14 +93,11 @@ def random_model(name: str, seed: int = 0, calibration: int = 8):
 
 @torch.no_grad()
 def naive_predictions(sequence: nn.Sequential, step: str, unit: int, images: torch.Tensor) -> torch.Tensor:
-    """The definition: the whole network on the images, with channel ``unit`` of step ``step``'s output zeroed."""
-    x = images
-    for name, module in sequence.named_children():
-        x = module(x)
-        if name == step:
-            x = x.clone()
-            x[:, unit] = 0
-    return x.argmax(1)
+    """The definition: the whole network on the images, with channel ``unit`` of step ``step``'s output zeroed
+    (predictions under ``compute.ties``' rule, as the engine's)."""
+    x = run_to(sequence, images, [step])[step].clone()
+    x[:, unit] = 0
+    return ties.predict(tail_of(sequence, step), x)
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------

@@ -26,9 +26,13 @@ Where the work is cut, each cut leaving every prediction as the full computation
 Floating point: the update is summed in a different order than the full product, so logits may differ in the last
 bits, and so do two full float32 runs that batch images differently (BLAS blocking depends on the batch). Where the
 top two logits are that close, "the" float32 prediction is not defined; such rows (margin below ``margin_tol`` times
-the largest absolute logit, at least 1) are recomputed in float64 (through the same update, or the whole tail), which
-settles them independently of batching. Every other row equals the full float32 computation. Exact ties go to the
-lowest class index, as ``torch.argmax`` breaks them. Reduced precision (bf16, TF32) is not used: a bound on its
+the largest absolute logit, at least 1) are recomputed in float64 (through the same update, or the whole tail) and
+decided by ``compute.ties``: logits within the float64 rounding bound of the last product (derived from its operands)
+are tied, and a tie goes to the lowest class index. What is guaranteed, on every CPU and for any batching or chunking:
+every row not near a tie equals the full float32 computation; two classes tied in exact arithmetic (equal rows of the
+last layer) are decided for the lower index; a float64 gap beyond twice the bound is decided by value.
+``compute.ties.predict`` applies the same rule to a plain run of a whole network, the reference tests compare with.
+Reduced precision (bf16, TF32) is not used: a bound on its
 error that holds for every input grows with the width of each layer it passes (4096 for fc7) and came out about 140
 times the logits' spread on a random AlexNet (BENCHMARKS.md), so every row would need recomputing. A caller on a GPU
 must keep TF32 off (``torch.backends.cudnn.allow_tf32 = False``, as ``compute.all`` does) for the same reason.
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compute import ties
 from compute.sequence import step_names
 
 _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU, nn.Identity,
@@ -60,8 +65,8 @@ class Outcome:
 
 @dataclass
 class _Rows:
-    """How to compute chunks of rows (sorted by ablation): float32 logits, float64 logits for settling near-ties, and
-    the memory a chunk needs per row and per distinct ablation in it."""
+    """How to compute chunks of rows (sorted by ablation): float32 logits, float64 logits with their rounding bounds
+    for settling near-ties (``compute.ties``), and the memory a chunk needs per row and per distinct ablation in it."""
 
     logits: Callable[[torch.Tensor], torch.Tensor]
     exact: Callable[[torch.Tensor], torch.Tensor]
@@ -126,7 +131,8 @@ class AblationEngine:
     @torch.no_grad()
     def baseline(self, acts: torch.Tensor, labels: torch.Tensor) -> Outcome:
         acts = acts.to(self.device)
-        return self._decide(self.tail(acts), labels.to(self.device), lambda close: self.tail64()(acts[close].double()))
+        return self._decide(self.tail(acts), labels.to(self.device),
+                            lambda close: ties.logits_and_bound(self.tail64(), acts[close].double()))
 
     @torch.no_grad()
     def evaluate_units(self, acts: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
@@ -221,7 +227,7 @@ class AblationEngine:
                 return self.rest(_updated_single(rows, full, source, weight, starts))
             return self.rest(full[rows[:, 1]] - self._removed_each(rows, source, weight, selections, full.dtype))
 
-        def removed64(rows):
+        def removed64(rows, source=source, weight=weight):
             if one_each:
                 return self._removed_rows(rows, source, weight, starts, torch.float64)
             return self._removed_each(rows, source, weight, selections, torch.float64)
@@ -229,12 +235,22 @@ class AblationEngine:
         def exact(rows):
             tail64 = list(self.tail64().children())
             entry64, rest64 = tail64[self._entry_at], nn.Sequential(*tail64[self._entry_at + 1:])
-            settled = []
+            settled, bounds = [], []
             for piece in rows.split(max(1, self.max_memory // exact_row_bytes)):
                 images, local = torch.unique(piece[:, 1], return_inverse=True)
-                out = self._entry_output(entry64, pooled[images].double())[local]
-                settled.append(rest64(out - removed64(piece)))
-            return torch.cat(settled)
+                source64 = pooled[images].double()
+                updated = self._entry_output(entry64, source64)[local] - removed64(piece)
+                if len(rest64):
+                    logits, bound = ties.logits_and_bound(rest64, updated)
+                elif self.has_shortcut:  # the entry is the classifier: its product and the update are the last step
+                    magnitude = removed64(piece, source.abs(), weight.abs())
+                    terms = ties.gamma(self.entry.in_features + 2) * magnitude
+                    logits, bound = updated, ties.product_bound(entry64, source64.flatten(1)[local], terms=2) + terms
+                else:
+                    logits, bound = updated, torch.zeros_like(updated)
+                settled.append(logits)
+                bounds.append(bound)
+            return torch.cat(settled), torch.cat(bounds)
 
         row_bytes = 2 * full[0].numel() * full.element_size() + self._peak_bytes("rest", self.rest, full[:1])
         # The batched single-channel update holds [ablations, B, F] and the [ablations, p, F] weights it uses.
@@ -276,7 +292,8 @@ class AblationEngine:
 
     def _full_rows(self, edit, acts) -> _Rows:
         row_bytes = acts[0].numel() * acts.element_size() + self._peak_bytes("tail", self.tail, acts[:1])
-        return _Rows(lambda rows: self.tail(edit(rows)), lambda rows: self.tail64()(edit(rows).double()), row_bytes)
+        return _Rows(lambda rows: self.tail(edit(rows)),
+                     lambda rows: ties.logits_and_bound(self.tail64(), edit(rows).double()), row_bytes)
 
     def _peak_bytes(self, name: str, steps: nn.Sequential, example: torch.Tensor) -> int:
         """Bytes one row holds at the busiest step of ``steps`` (its input and output, doubled for the temporaries
@@ -316,19 +333,16 @@ class AblationEngine:
         return rows.split(torch.unique_consecutive(chunk, return_counts=True)[1].tolist())
 
     def _decide(self, logits: torch.Tensor, labels: torch.Tensor, exact) -> Outcome:
-        """Predicted class and true-class probability from float32 logits; rows whose top two logits are within
-        float32 rounding of each other are decided by ``exact(close)``, their float64 logits."""
-        top, index = logits.topk(2, dim=1)
-        largest = torch.maximum(top[:, 0], -logits.amin(1))  # the largest absolute logit
-        close = (top[:, 0] - top[:, 1]) < self.margin_tol * largest.clamp_min(1.0)
-        pred = index[:, 0]  # the argmax wherever the top logit is unique, i.e. on every row not close
+        """Predicted class and true-class probability from float32 logits; rows near a tie are decided by
+        ``exact(close)``, their float64 logits and rounding bounds, under ``compute.ties``' rule."""
+        close = ties.near_tie(logits, self.margin_tol)
+        pred = logits.argmax(1)  # unique wherever the row is not close
         prob = torch.log_softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).exp()
         if close.any():
-            settled = exact(close)
-            pred[close] = settled.argmax(1)
+            settled, bound = exact(close)
+            pred[close] = ties.lowest_of_tied(settled, bound)
             prob[close] = torch.softmax(settled, 1).gather(1, labels[close][:, None]).squeeze(1).float()
         return Outcome(pred, prob)
-
 
 def _updated_single(rows, full, source, weight, starts) -> torch.Tensor:
     """``L(x) - L_m(x_m)`` per row when every ablation removes one channel and ``L`` is a Linear: one batched product

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from compute import ties
 from compute.engine import AblationEngine, single_unit_masks
 from compute.models.demo import build_demo
 from compute.sequence import run_to, tail_of
@@ -34,8 +35,7 @@ def naive_zero_weights(model, conv_name, unit, images):
     conv.weight.data[unit] = 0
     conv.bias.data[unit] = 0
     try:
-        with torch.no_grad():
-            return model(images).argmax(1)
+        return ties.predict(model, images)
     finally:
         conv.weight.data[unit], conv.bias.data[unit] = saved
 
@@ -100,7 +100,7 @@ def test_unit_sets_equal_zeroed_output(demo_case, layer):
     for s in range(len(masks)):
         edited = acts * (~masks[s]).float()[None, :, None, None]
         expected = tail_of(model, layer)(edited)
-        assert torch.equal(outcome.pred[s], expected.argmax(1))
+        assert torch.equal(outcome.pred[s], ties.predict(tail_of(model, layer), edited))
         assert torch.allclose(outcome.true_prob[s], torch.softmax(expected, 1)[torch.arange(len(labels)), labels],
                               atol=1e-5)
 
@@ -152,7 +152,7 @@ def test_directions_equal_projection(demo_case, layer):
     for row, j in enumerate(directions):
         qj = q[:, j]
         edited = acts - qj[None, :, None, None] * torch.einsum("bchw,c->bhw", acts, qj)[:, None]
-        assert torch.equal(outcome.pred[row], tail_of(model, layer)(edited).argmax(1))
+        assert torch.equal(outcome.pred[row], ties.predict(tail_of(model, layer), edited))
 
 
 def test_rotation_round_trip_keeps_predictions(demo_case):

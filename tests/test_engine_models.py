@@ -14,6 +14,7 @@ import torch
 from scipy.stats import ortho_group
 
 from bench.ablation import naive_predictions, random_images, random_model
+from compute import ties
 from compute.engine import AblationEngine, single_unit_masks
 from compute.sequence import run_to, tail_of
 
@@ -47,13 +48,14 @@ def engine_outcome(sequence, step, images, units):
 
 
 def zeroed_weights(model, conv_name, unit, images):
+    """Logits and predictions (``compute.ties``' rule) of the whole model with the unit's weight and bias zeroed."""
     conv = dict(model.named_modules())[conv_name]
     saved = conv.weight.data[unit].clone(), conv.bias.data[unit].clone()
     conv.weight.data[unit] = 0
     conv.bias.data[unit] = 0
     try:
         with torch.no_grad():
-            return model(images)
+            return model(images), ties.predict(model, images)
     finally:
         conv.weight.data[unit], conv.bias.data[unit] = saved
 
@@ -70,8 +72,8 @@ def test_alexnet_equals_zeroed_weights(alexnet, layer, entry, every_unit, sample
     flipped = 0
     for unit in sample_units(outcome, labels, candidates, sample):
         row = int(np.flatnonzero(candidates == unit)[0])
-        logits = zeroed_weights(model, spec.unit_weights[layer], int(unit), images)
-        assert torch.equal(outcome.pred[row], logits.argmax(1)), f"unit {unit}"
+        logits, predicted = zeroed_weights(model, spec.unit_weights[layer], int(unit), images)
+        assert torch.equal(outcome.pred[row], predicted), f"unit {unit}"
         expected = torch.softmax(logits, 1)[torch.arange(IMAGES), labels]
         assert torch.allclose(outcome.true_prob[row], expected, atol=1e-4)
         flipped += int((outcome.pred[row] != labels).sum())
@@ -112,5 +114,5 @@ def test_resnet_layer4_directions_equal_projection(resnet):
         for row, j in enumerate(directions):
             qj = q[:, j]
             edited = acts - qj[None, :, None, None] * torch.einsum("bchw,c->bhw", acts, qj)[:, None]
-            assert torch.equal(outcome.pred[row], tail(edited).argmax(1)), f"direction {int(j)}"
+            assert torch.equal(outcome.pred[row], ties.predict(tail, edited)), f"direction {int(j)}"
     assert (outcome.pred != labels).any()
