@@ -32,7 +32,7 @@ from compute.attributes import class_correlation, class_selectivity
 from compute.dissection import best_concepts
 from compute.greedy import SPLIT, TIE_BREAK
 from compute.relations import BOOTSTRAP_SEED, CONFIDENCE, drop_targets, relation_table, scalar_attributes
-from compute.single_unit import drops
+from compute.single_unit import drops, write_drops
 from compute.topimages import top_indices
 from store.writer import StoreWriter, create_array, write_array
 
@@ -138,7 +138,11 @@ def correct_counts(rng, base: np.ndarray, counts: np.ndarray, units: int, spike:
 
 
 def sweep_result(base_correct: np.ndarray, unit_correct: np.ndarray, counts: np.ndarray) -> dict:
-    return drops({"base_correct": base_correct, "unit_correct": unit_correct, "counts": counts})
+    """Drops with the paired counts a real sweep keeps: a unit's net loss of a class as lost images, a net gain as
+    gained ones (the synthetic numbers carry no finer pairing)."""
+    lost = np.maximum(base_correct[None, :] - unit_correct, 0)
+    gained = np.maximum(unit_correct - base_correct[None, :], 0)
+    return drops({"base_correct": base_correct, "lost": lost, "gained": gained, "counts": counts})
 
 
 def thumbnails(rng, count: int, size: int) -> np.ndarray:
@@ -230,8 +234,7 @@ class Builder:
         with self.writer.stage(f"ablation/{layer}") as h5:
             group = f"layers/{layer}/ablation"
             write_array(h5, f"{group}/baseline_class_acc", result["baseline_class_acc"])
-            write_array(h5, f"{group}/class_drop", result["class_drop"], units="accuracy fraction, baseline - ablated")
-            write_array(h5, f"{group}/overall_drop", result["overall_drop"])
+            write_drops(h5, group, result)
             h5[group].attrs["baseline_overall_acc"] = result["baseline_overall_acc"]
             h5[group].attrs["method"] = ALEXNET_NOTE
 
@@ -348,9 +351,8 @@ class Builder:
                                 self.counts) for _ in range(self.shape.rotations)]
         with self.writer.stage(f"rotation/{layer}") as h5:
             group = f"layers/{layer}/rotation"
-            write_array(h5, f"{group}/class_drop", np.stack([r["class_drop"] for r in results]),
-                        units="accuracy fraction, baseline - ablated; [rotation, direction, class]")
-            write_array(h5, f"{group}/overall_drop", np.stack([r["overall_drop"] for r in results]))
+            write_drops(h5, group, {name: np.stack([r[name] for r in results]) for name in results[0]
+                                    if name != "baseline_overall_acc"})
             write_array(h5, f"{group}/seeds", np.arange(self.shape.rotations, dtype=np.int64))
             h5[group].attrs["baseline_overall_acc"] = results[0]["baseline_overall_acc"]
             h5[group].attrs["method"] = ("direction q_j of a Haar-random orthogonal Q (scipy.stats.ortho_group, "

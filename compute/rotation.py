@@ -9,7 +9,8 @@ vector and the overall drop of every direction are comparable with the units' (`
 Q = identity the directions are the units themselves.
 
 Store: ``layers/<L>/rotation/class_drop`` [R, C, K], ``overall_drop`` [R, C] and ``seeds`` [R] for R rotations
-(``--rotations R``; seeds 0..R-1). Under torchrun the directions are shared out between the ranks (every rank does
+(``--rotations R``; seeds 0..R-1), with the paired counts and tests of ``compute.single_unit`` (``lost``, ``gained``,
+``p_value``, ``q_value`` [R, C, K]; q-values corrected over each rotation's C x K tests, as a layer's units are). Under torchrun the directions are shared out between the ranks (every rank does
 its directions of every rotation); correct counts are whole numbers, so the combined drops are the one-process ones.
 """
 
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from scipy.stats import ortho_group
 
+from compute import significance
 from compute.errors import StageSkipped
-from compute.single_unit import drops
+from compute.single_unit import drops, write_drops
 from store.writer import write_array
 
 
@@ -31,7 +33,8 @@ def random_rotation(channels: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sweep(ctx, layer: str, rotations: list[torch.Tensor], directions=None) -> list[dict]:
-    """Correct counts per class for the baseline and for each direction (default: all) of each rotation removed alone.
+    """Per class, the baseline's correct count and, for each direction (default: all) of each rotation removed alone,
+    the images lost and gained.
 
     One pass over the images: each batch's prefix and baseline are computed once and shared by every rotation.
     """
@@ -40,32 +43,36 @@ def sweep(ctx, layer: str, rotations: list[torch.Tensor], directions=None) -> li
     channels = rotations[0].shape[0]
     directions = torch.as_tensor(np.arange(channels) if directions is None else directions, device=ctx.device)
     base_correct = np.zeros(k)
-    correct = np.zeros((len(rotations), len(directions), k))
+    lost = np.zeros((len(rotations), len(directions), k))
+    gained = np.zeros_like(lost)
     for acts, labels, _ in ctx.activations([layer], desc=f"rotating {layer} ({len(rotations)} x {len(directions)})"):
         base = engine.baseline(acts[layer], labels)
         onehot = torch.nn.functional.one_hot(labels, k).double()
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
         for r, rotation in enumerate(rotations):
             outcome = engine.evaluate_directions(acts[layer], labels, rotation, directions, base)
-            correct[r] += ((outcome.pred == labels).double() @ onehot).cpu().numpy()
+            batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
+            lost[r] += batch_lost.cpu().numpy()
+            gained[r] += batch_gained.cpu().numpy()
     counts = np.bincount(ctx.labels, minlength=k).astype(np.float64)
-    return [{"base_correct": base_correct, "unit_correct": correct[r], "counts": counts}
+    return [{"base_correct": base_correct, "lost": lost[r], "gained": gained[r], "counts": counts}
             for r in range(len(rotations))]
 
 
 def _share(ctx, layer: str, rotations: list[torch.Tensor], directions: np.ndarray) -> dict:
-    """One rank's directions of every rotation: correct counts [directions, rotations, classes]."""
+    """One rank's directions of every rotation: lost and gained counts [directions, rotations, classes]."""
     swept = sweep(ctx, layer, rotations, directions)
-    return {"unit_correct": np.stack([result["unit_correct"] for result in swept], axis=1),
+    return {"lost": np.stack([result["lost"] for result in swept], axis=1),
+            "gained": np.stack([result["gained"] for result in swept], axis=1),
             "base_correct": swept[0]["base_correct"], "counts": swept[0]["counts"]}
 
 
 def _combine(ctx, shares: list) -> list[dict]:
     """Each rotation's drops, from the shares' directions put back in order."""
-    correct = ctx.in_item_order(shares, ["unit_correct"])["unit_correct"]
+    counts = ctx.in_item_order(shares, ["lost", "gained"])
     first = shares[0][1]
-    return [drops({"base_correct": first["base_correct"], "unit_correct": correct[:, r], "counts": first["counts"]})
-            for r in range(correct.shape[1])]
+    return [drops({"base_correct": first["base_correct"], "lost": counts["lost"][:, r], "gained": counts["gained"][:, r],
+                   "counts": first["counts"]}) for r in range(counts["lost"].shape[1])]
 
 
 def run_stage(ctx, layer: str) -> None:
@@ -83,9 +90,9 @@ def run_stage(ctx, layer: str) -> None:
         return
     with ctx.writer.stage(stage) as h5:
         group = f"layers/{layer}/rotation"
-        write_array(h5, f"{group}/class_drop", np.stack([r["class_drop"] for r in results]),
-                    units="accuracy fraction, baseline - ablated; [rotation, direction, class]")
-        write_array(h5, f"{group}/overall_drop", np.stack([r["overall_drop"] for r in results]))
+        write_drops(h5, group, {name: np.stack([r[name] for r in results]) for name in results[0]
+                                if name != "baseline_overall_acc"})
+        h5[f"{group}/class_drop"].attrs["axes"] = "rotation, direction, class"
         write_array(h5, f"{group}/seeds", seeds.astype(np.int64))
         h5[group].attrs["baseline_overall_acc"] = results[0]["baseline_overall_acc"]
         h5[group].attrs["method"] = ("direction q_j of a Haar-random orthogonal Q (scipy.stats.ortho_group, "

@@ -1,7 +1,8 @@
 """Single-unit ablation: every unit of a layer removed alone; overall and per-class accuracy drops.
 
 Drops are accuracy fractions, baseline minus ablated: 0.15 means 15 points. The class drop is a vector over classes;
-with the same number of images per class the overall drop is its mean.
+with the same number of images per class the overall drop is its mean. Each drop is kept with the paired counts it
+rests on (images lost and gained, ``compute.significance``) and its McNemar p-value and layer-wide q-value.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from compute import significance
 from compute.engine import single_unit_masks
 from store.writer import write_array
 
@@ -21,37 +23,57 @@ def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) ->
 
 @torch.no_grad()
 def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
-    """Correct counts per class for the baseline and for each unit ablated alone."""
+    """Per class, the baseline's correct count and, for each unit ablated alone, the images lost and gained."""
     engine = ctx.engine(layer)
     total = ctx.units(layer)
     units = np.arange(total) if units is None else np.asarray(units)
     masks = single_unit_masks(total, ctx.device)[torch.as_tensor(units, device=ctx.device)]
     k = ctx.num_classes
     base_correct = np.zeros(k)
-    unit_correct = np.zeros((len(units), k))
+    lost = np.zeros((len(units), k))
+    gained = np.zeros((len(units), k))
     for acts, labels, _ in ctx.activations([layer], desc=f"ablating {layer} ({len(units)} units)"):
         base = engine.baseline(acts[layer], labels)
         outcome = engine.evaluate_units(acts[layer], labels, masks, base)
         onehot = torch.nn.functional.one_hot(labels, k).double()
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
-        unit_correct += ((outcome.pred == labels).double() @ onehot).cpu().numpy()
+        batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
+        lost += batch_lost.cpu().numpy()
+        gained += batch_gained.cpu().numpy()
     counts = np.bincount(ctx.labels, minlength=k).astype(np.float64)
-    return {"base_correct": base_correct, "unit_correct": unit_correct, "counts": counts}
+    return {"base_correct": base_correct, "lost": lost, "gained": gained, "counts": counts}
 
 
 def drops(result: dict) -> dict:
-    counts = np.maximum(result["counts"], 1)
-    base_acc = result["base_correct"] / counts
-    unit_acc = result["unit_correct"] / counts
-    n = result["counts"].sum()
-    overall_base = result["base_correct"].sum() / n
-    overall_unit = result["unit_correct"].sum(1) / n
+    """Drops from the paired counts: class drop (lost - gained) / n_k, overall (sum lost - sum gained) / N, with the
+    counts as int32 and their tests."""
+    counts = result["counts"]
+    lost = np.rint(result["lost"]).astype(np.int32)
+    gained = np.rint(result["gained"]).astype(np.int32)
+    n = counts.sum()
+    overall_lost, overall_gained = lost.sum(-1, dtype=np.int32), gained.sum(-1, dtype=np.int32)
     return {
-        "baseline_class_acc": base_acc.astype(np.float32),
-        "class_drop": (base_acc[None, :] - unit_acc).astype(np.float32),
-        "overall_drop": (overall_base - overall_unit).astype(np.float32),
-        "baseline_overall_acc": float(overall_base),
+        "baseline_class_acc": (result["base_correct"] / np.maximum(counts, 1)).astype(np.float32),
+        "class_drop": ((lost - gained) / np.maximum(counts, 1)).astype(np.float32),
+        "overall_drop": ((overall_lost - overall_gained) / n).astype(np.float32),
+        "baseline_overall_acc": float(result["base_correct"].sum() / n),
+        "lost": lost, "gained": gained, "overall_lost": overall_lost, "overall_gained": overall_gained,
+        **significance.drop_tests(lost, gained),
     }
+
+
+def write_drops(h5, group: str, result: dict) -> None:
+    """The drops, their counts and their tests under ``group`` (``ablation`` or ``rotation``)."""
+    write_array(h5, f"{group}/class_drop", result["class_drop"], units="accuracy fraction, baseline - ablated")
+    write_array(h5, f"{group}/overall_drop", result["overall_drop"])
+    for name in ("lost", "gained", "overall_lost", "overall_gained"):
+        write_array(h5, f"{group}/{name}", result[name], units="images")
+    write_array(h5, f"{group}/p_value", result["p_value"], test="exact McNemar: two-sided binomial test of lost in "
+                "lost + gained at p = 0.5 (1 where no image changed)")
+    write_array(h5, f"{group}/q_value", result["q_value"],
+                test="Benjamini-Hochberg over the layer's units x classes (per rotation for directions)")
+    write_array(h5, f"{group}/overall_p_value", result["overall_p_value"], test="exact McNemar on the overall counts")
+    write_array(h5, f"{group}/overall_q_value", result["overall_q_value"], test="Benjamini-Hochberg over the units")
 
 
 def _combine(shares: list) -> dict:
@@ -60,7 +82,7 @@ def _combine(shares: list) -> dict:
 
     first = shares[0][1]
     return {"units": np.sort(np.concatenate([indices for indices, _ in shares])), "base_correct": first["base_correct"],
-            "counts": first["counts"], **RunContext.in_item_order(shares, ["unit_correct"])}
+            "counts": first["counts"], **RunContext.in_item_order(shares, ["lost", "gained"])}
 
 
 def run_stage(ctx, layer: str) -> None:
@@ -73,8 +95,7 @@ def run_stage(ctx, layer: str) -> None:
     with ctx.writer.stage(stage) as h5:
         group = f"layers/{layer}/ablation"
         write_array(h5, f"{group}/baseline_class_acc", result["baseline_class_acc"])
-        write_array(h5, f"{group}/class_drop", result["class_drop"], units="accuracy fraction, baseline - ablated")
-        write_array(h5, f"{group}/overall_drop", result["overall_drop"])
+        write_drops(h5, group, result)
         h5[group].attrs["baseline_overall_acc"] = result["baseline_overall_acc"]
         h5[group].attrs["method"] = ctx.spec.ablation_note
     ctx.drop_shards(stage)

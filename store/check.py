@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from store.reader import list_stores, open_failure
 from store.schema import (INDEX_RANGES, LAYER_SECTIONS, LAYER_SHAPES, REQUIRED_ROOT, ROOT_SHAPES, SCHEMA_VERSION,
@@ -100,6 +101,8 @@ def _check_open_store(handle: h5py.File, report: Report) -> None:
     _check_shapes(handle, attrs, datasets, layers, report)
     for name, dataset in datasets.items():
         _verify_data(name, dataset, report)
+    if not report.problems:  # the counts are compared only once every number they use is known sound
+        _check_counts(datasets, layers, report)
 
 
 def _attrs(handle: h5py.File, report: Report) -> dict:
@@ -237,6 +240,28 @@ def _check_shapes(handle, attrs: dict, datasets: dict, layers: list[str], report
             path = f"layers/{layer}/{relative}"
             if path in datasets:
                 _check_range(path, datasets[path], bound, dim, report)
+
+
+def _check_counts(datasets: dict, layers: list[str], report: Report) -> None:
+    """The paired counts behind each drop reproduce it exactly: class_drop == float32((lost - gained) / n_k), with
+    0 <= lost, gained <= n_k, n_k the class's validation images."""
+    if "images/labels" not in datasets or "classes" not in datasets:
+        return
+    per_class = np.bincount(datasets["images/labels"][()], minlength=len(datasets["classes"])).astype(np.float64)
+    for layer in layers:
+        for section in ("ablation", "rotation"):
+            paths = [f"layers/{layer}/{section}/{name}" for name in ("lost", "gained", "class_drop")]
+            if not all(path in datasets for path in paths):
+                continue
+            lost, gained, drop = (datasets[path][()] for path in paths)
+            if lost.shape != drop.shape or gained.shape != drop.shape or drop.shape[-1] != len(per_class):
+                continue  # reported by the shape check
+            if (lost < 0).any() or (gained < 0).any() or (lost > per_class).any() or (gained > per_class).any():
+                report.problems.append(f"'{paths[0]}' or '{paths[1]}' counts more images than its class has: the "
+                                       f"store is inconsistent; " + report.fix)
+            elif not np.array_equal(((lost - gained) / np.maximum(per_class, 1)).astype(np.float32), drop):
+                report.problems.append(f"'{paths[2]}' is not (lost - gained) / images of the class: the store is "
+                                       f"inconsistent; " + report.fix)
 
 
 def _layer_units(handle, layer: str) -> int | None:

@@ -79,3 +79,37 @@ def compute_all_cli(args):
     from compute.errors import run_cli
 
     return run_cli(main, args)
+
+
+def test_drops_rest_on_paired_counts(tiny_run):
+    """lost/gained per class equal a naive count over the images for a few units, reproduce the drops exactly, and
+    their q-values are scipy's Benjamini-Hochberg over the layer's McNemar p-values."""
+    from scipy import stats
+
+    from compute import ties
+    from compute.data.validation import load_validation
+
+    store = StoreReader(tiny_run["store"])
+    spec = get_spec("demo")
+    model, _ = spec.load(None, tiny_run["data_dir"])
+    val = load_validation("synthscenes", tiny_run["dataset"], spec.preprocess)
+    images = torch.stack([val.dataset[i][0] for i in range(len(val.labels))])
+    labels = torch.as_tensor(val.labels)
+    base_right = ties.predict(model, images) == labels
+    lost, gained = (store.layer("conv5", "ablation", name) for name in ("lost", "gained"))
+    for unit in (0, 7, 31):
+        conv = model.conv5
+        saved = conv.weight.data[unit].clone(), conv.bias.data[unit].clone()
+        conv.weight.data[unit] = 0
+        conv.bias.data[unit] = 0
+        right = ties.predict(model, images) == labels
+        conv.weight.data[unit], conv.bias.data[unit] = saved
+        assert lost[unit].tolist() == np.bincount(labels[base_right & ~right], minlength=24).tolist()
+        assert gained[unit].tolist() == np.bincount(labels[~base_right & right], minlength=24).tolist()
+    n_k = np.bincount(labels.numpy(), minlength=24)
+    for layer in ("conv3", "conv4", "conv5"):
+        lost, gained, drop, p, q = (store.layer(layer, "ablation", name)
+                                    for name in ("lost", "gained", "class_drop", "p_value", "q_value"))
+        assert lost.dtype == np.int32 and np.array_equal(((lost - gained) / n_k).astype(np.float32), drop)
+        assert np.array_equal(store.layer(layer, "ablation", "overall_lost"), lost.sum(1))
+        assert np.array_equal(q, stats.false_discovery_control(p.ravel()).reshape(p.shape))
