@@ -13,11 +13,12 @@ import streamlit as st
 from app import loaders
 from app.common import chart_downloads, current_store, guarded
 from app.common import table as show
-from figures.prediction import accuracy_chart, table_frame
+from figures.prediction import MISSING, accuracy_chart, scoring_notes, table_frame
 from compute import predict
 from compute.errors import UserError
 
-DATASETS = ("attributes", "accuracy", "ci", "correct", "n_test")
+# Every stored table has these; the strict score's datasets (predict.NEW_DATASETS) are read where present.
+DATASETS = predict.DATASETS
 
 
 def stored_layers(store) -> list[str]:
@@ -26,29 +27,38 @@ def stored_layers(store) -> list[str]:
 
 def stored_table(store, layer: str) -> dict:
     group = f"prediction/{layer}"
-    arrays = {name: loaders.array(store.path, f"{group}/{name}") for name in DATASETS}
+    arrays = {name: loaders.array(store.path, f"{group}/{name}") for name in DATASETS + predict.NEW_DATASETS
+              if name in DATASETS or store.has(f"{group}/{name}")}
     return predict.read_table(arrays, store.read_attrs(group), layer)
+
+
+def _percent(value) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}%"
 
 
 def show_table(table: dict) -> None:
     cols = st.columns(4)
-    best = max(table["rows"], key=lambda row: row["accuracy"])
-    cols[0].metric("Best", f"{100 * best['accuracy']:.1f}%", help=best["attribute"])
-    cols[1].metric("Chance (most frequent class)", f"{100 * table['chance_majority']:.1f}%")
-    cols[2].metric("Chance (uniform guess)", f"{100 * table['chance_uniform']:.1f}%",
-                   help="1/K, a little more where several classes tie for a unit's largest drop")
-    cols[3].metric("Units train / test", f"{table['n_train']} / {table['n_test']}")
+    ensemble = next((row for row in table["rows"] if row["attribute"] == predict.ENSEMBLE), table["rows"][-1])
+    cols[0].metric("Ensemble, strict", _percent(ensemble.get("strict_accuracy")),
+                   help="Counts only the largest-drop class, the lowest class index on ties")
+    cols[1].metric("Ensemble, lenient", _percent(ensemble["accuracy"]),
+                   help="Counts any class tied for the largest drop")
+    cols[2].metric("Chance (most frequent class)", f"{_percent(table.get('strict_chance_majority'))} / "
+                   f"{_percent(table['chance_majority'])}", help="strict / lenient")
+    cols[3].metric("Units train / test / excluded", f"{table['n_train']} / {table['n_test']} / "
+                   f"{table.get('n_excluded', MISSING)}",
+                   help="excluded: test units whose ablation lowers no class's accuracy")
     chart, frame = accuracy_chart(table), table_frame(table)
     st.altair_chart(chart, width="stretch")
     chart_downloads(chart, f"table1-{table['layer']}")
     show(frame, f"table1-{table['layer']}", hide_index=True, width="stretch",
-         column_config={c: st.column_config.NumberColumn(format="%.1f") for c in frame.columns if "%" in c})
-    skipped = sum(table["unlabelled"].values())
+         column_config={c: st.column_config.NumberColumn(format="%.1f") for c in frame.columns
+                        if "%" in c and frame[c].dtype.kind == "f"})
+    st.caption(" ".join(scoring_notes(table)))
     st.caption(f"Layer {table['layer']}. Trained on {', '.join(table['train_stores'])}; tested on "
-               f"{', '.join(table['test_stores'])}. Label: the class with the largest drop when the unit is ablated; "
-               f"{skipped} units whose ablation lowers no class are left out. {sum(table['tied'].values())} units "
-               f"have several classes tied for the largest drop: naming any of them counts as correct. "
-               f"Seed {table['seed']}; Wilson intervals.")
+               f"{', '.join(table['test_stores'])}. Chance (uniform guess): "
+               f"{_percent(table.get('strict_chance_uniform'))} strict, {_percent(table['chance_uniform'])} lenient. "
+               f"Seed {table['seed']}.")
 
 
 def same_model_stores(store) -> list[str]:
