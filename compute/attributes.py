@@ -14,6 +14,48 @@ def l1_norm(weight: np.ndarray) -> np.ndarray:
     return np.abs(weight.reshape(weight.shape[0], -1)).sum(1)
 
 
+def folded_l1_norm(weight: np.ndarray, gamma, running_var: np.ndarray, eps: float) -> np.ndarray:
+    """BN-folded L1 norm of each unit: |gamma_u| / sqrt(var_u + eps) * sum |w_u|.
+
+    Batch norm after a conv computes gamma * (w.x + b - mean) / sqrt(var + eps) + beta, i.e. a conv with the filter
+    w * gamma / sqrt(var + eps): this folded filter is what the unit applies, and its L1 norm is the one above.
+    Rescaling w_u by s (with mean_u by s and var_u + eps by s^2, which leaves the network's function unchanged)
+    leaves it unchanged, where the plain L1 norm grows by s. ``gamma`` None (batch norm without affine) means 1.
+    """
+    scale = np.ones(len(running_var)) if gamma is None else np.abs(np.asarray(gamma, dtype=np.float64))
+    return scale / np.sqrt(np.asarray(running_var, dtype=np.float64) + float(eps)) * l1_norm(weight)
+
+
+def unit_l1(model, spec, layer: str) -> tuple[np.ndarray, dict]:
+    """The layer's L1 attribute and the attrs that say what it is: ``source`` (the conv whose filters are the units),
+    ``folded_batch_norm`` (the batch norm folded in, "" for none) and ``definition`` (the formula, in words).
+
+    Where batch norm follows the conv, any rescaling of a filter is undone by it, so the plain L1 norm is not a
+    property of the unit: the norm is then the BN-folded one (``folded_l1_norm``, with the running statistics).
+    """
+    from compute.models.registry import batch_norm_after
+
+    source = spec.unit_weights[layer]
+    modules = dict(model.named_modules())
+    weight = modules[source].weight.detach().cpu().double().numpy()
+    bn_name = batch_norm_after(model, source)
+    bn = modules[bn_name] if bn_name else None
+    if bn is not None and bn.running_var is None:
+        # Without running statistics batch norm normalises by each batch's own: there is no fixed scale to fold in.
+        return l1_norm(weight), {"source": source, "folded_batch_norm": "", "definition": (
+            f"plain L1 norm sum |w_u| of {source}'s filter; batch norm {bn_name} follows but keeps no running "
+            f"statistics, so nothing can be folded")}
+    if bn is None:
+        return l1_norm(weight), {"source": source, "folded_batch_norm": "", "definition": (
+            f"L1 norm of the unit's filter, sum |w_u| over the weights of {source} (no batch norm follows it)")}
+    gamma = None if bn.weight is None else bn.weight.detach().cpu().double().numpy()
+    values = folded_l1_norm(weight, gamma, bn.running_var.detach().cpu().double().numpy(), bn.eps)
+    return values, {"source": source, "folded_batch_norm": bn_name, "definition": (
+        f"BN-folded L1 norm |gamma_u| / sqrt(running_var_u + eps) * sum |w_u| of {source}'s filter through batch "
+        f"norm {bn_name} (eps {bn.eps:g}): batch norm undoes any rescaling of the filter, so the plain L1 norm is "
+        f"not a property of the unit")}
+
+
 def class_means(mean_act: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """mu[u, c]: the unit's mean activation over the images of class c ([N, U] in, [U, K] out)."""
     mean_act = np.asarray(mean_act, dtype=np.float64)
@@ -115,8 +157,8 @@ def run_stage(ctx, layer: str) -> None:
     correlation = class_correlation(mean_act, probs)
     with ctx.writer.stage(f"attributes/{layer}") as h5:
         out = f"layers/{layer}/attributes"
-        write_array(h5, f"{out}/l1", l1_norm(ctx.unit_weight(layer).numpy()).astype(np.float32),
-                    source=ctx.spec.unit_weights[layer])
+        l1, l1_attrs = unit_l1(ctx.model, ctx.spec, layer)
+        write_array(h5, f"{out}/l1", l1.astype(np.float32), **l1_attrs)
         write_array(h5, f"{out}/selectivity", selectivity.astype(np.float32))
         write_array(h5, f"{out}/correlation", correlation.astype(np.float32))
         for name in ("sparsity", "moment_mean", "moment_std"):

@@ -5,6 +5,11 @@ activation sparsity, mean and std) against the overall drop and the max class dr
 coefficients with their p-values (scipy.stats) and bootstrap confidence intervals (scipy.stats.bootstrap, BCa, units
 resampled in pairs). The table is small: [attributes, targets] per statistic.
 
+Sign convention: a drop here is baseline minus ablated accuracy (positive = accuracy lost). The paper's Fig. 5 plots
+the drop with the opposite sign (ablated minus baseline), which is why it reads a "clear negative correlation between
+the max class accuracy drop and each of the measured attributes" where this tool's coefficients are positive. The
+stored coefficients keep this tool's sign; ``in_paper_sign`` gives one as the paper would report it, for display.
+
 Reading goes through a ``read(section, name)`` callable that returns the layer's array or None, so the pipeline
 (reading earlier stages' parts) and the app (reading a finished store) share one definition of each attribute.
 """
@@ -36,7 +41,34 @@ N_RESAMPLES = 999
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 
+# A coefficient against a drop in this tool's sign (baseline minus ablated) times PAPER_SIGN is the coefficient
+# against the paper's Fig. 5 drop (ablated minus baseline).
+PAPER_SIGN = -1.0
+SIGN_NOTE = ("Drops here are baseline minus ablated (positive = accuracy lost); the paper's Fig. 5 plots the opposite "
+             "sign, so its 'negative' correlations are positive here: the column 'paper's sign' gives each Pearson r "
+             "as the paper would report it.")
+# The name the L1 attribute goes by where the store says it is BN-folded (attr ``folded_batch_norm`` of its array).
+FOLDED_L1 = "BN-folded L1"
+
 Reader = Callable[[str, str], "np.ndarray | None"]
+
+
+def in_paper_sign(coefficient):
+    """A coefficient (or array of them) against this tool's drops, as the paper's Fig. 5 would report it."""
+    return PAPER_SIGN * np.asarray(coefficient, dtype=np.float64)
+
+
+def folded_l1(l1_attrs: dict) -> str:
+    """The batch norm a store's L1 attribute is folded with (from its array's attrs), "" for none or an older store."""
+    return str(l1_attrs.get("folded_batch_norm", "") or "")
+
+
+def name_folded_l1(attributes: dict, table: dict) -> tuple[dict, dict]:
+    """The attributes and the coefficient table with "L1" named FOLDED_L1, for a layer whose L1 is BN-folded."""
+    rename = lambda name: FOLDED_L1 if name == "L1" else name  # noqa: E731
+    attributes = {rename(name): values for name, values in attributes.items()}
+    table = dict(table, attributes=np.array([rename(str(name)) for name in table["attributes"]], dtype=object))
+    return attributes, table
 
 
 def _per_unit(array: np.ndarray, reduction: str | None) -> np.ndarray:

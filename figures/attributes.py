@@ -6,7 +6,10 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from compute.relations import in_paper_sign
+
 PANEL = 170
+PAPER_SIGN_COLUMN = "paper's sign"
 
 
 def unit_frame(attributes: dict, targets: dict, class_drop: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -22,6 +25,9 @@ def unit_frame(attributes: dict, targets: dict, class_drop: np.ndarray, classes:
 
 
 def coefficient_frame(table: dict, confidence: float) -> pd.DataFrame:
+    """One row per attribute and drop: Pearson r; PAPER_SIGN_COLUMN, that r as the paper's Fig. 5 would report it
+    (its drop is ablated minus baseline: ``compute.relations.in_paper_sign``); r's interval and p-value; then
+    Spearman's rho, its interval and p-value. Computed from the stored coefficients, which keep this tool's sign."""
     rows = []
     for i, attribute in enumerate(table["attributes"]):
         for j, target in enumerate(table["targets"]):
@@ -29,6 +35,8 @@ def coefficient_frame(table: dict, confidence: float) -> pd.DataFrame:
             for method, symbol in (("pearson", "Pearson r"), ("spearman", "Spearman ρ")):
                 low, high = table[f"{method}_ci"][i, j]
                 row[symbol] = table[f"{method}_r"][i, j]
+                if method == "pearson":
+                    row[PAPER_SIGN_COLUMN] = float(in_paper_sign(row[symbol]))
                 row[f"{symbol} {round(100 * confidence)}% CI"] = "" if np.isnan(low) else f"[{low:.2f}, {high:.2f}]"
                 row[f"{symbol} p"] = table[f"{method}_p"][i, j]
             rows.append(row)

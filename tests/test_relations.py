@@ -1,13 +1,17 @@
 """Attribute-drop relations equal scipy's statistics; the pipeline stores them; the Attributes page renders them."""
 
+import shutil
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from scipy import stats
 
-from compute.relations import drop_targets, relation_table, scalar_attributes
+from compute.relations import (FOLDED_L1, SIGN_NOTE, drop_targets, in_paper_sign, name_folded_l1, relation_table,
+                               scalar_attributes)
+from figures.attributes import coefficient_frame
 from store import StoreReader
 from tests.views import open_view
 
@@ -67,6 +71,30 @@ def test_scalar_attributes_take_the_max_over_classes():
     assert drop_targets(read)["max class drop"].tolist() == [0.2, 0.1]
 
 
+def test_paper_sign_is_the_negation_computed_for_display():
+    """The paper's Fig. 5 drop is ablated minus baseline, this tool's baseline minus ablated: the paper's
+    "negative correlation" with the max class drop is a positive r here."""
+    attributes, targets = _vectors()
+    table = relation_table(attributes, targets, n_resamples=0)
+    stored = {key: np.array(value, copy=True) for key, value in table.items()}
+    frame = coefficient_frame(table, 0.95)
+    assert list(frame.columns[:4]) == ["attribute", "against", "Pearson r", "paper's sign"]
+    assert np.array_equal(frame["paper's sign"].to_numpy(), -table["pearson_r"].reshape(-1))
+    assert table["pearson_r"][0, 0] > 0.7 and frame["paper's sign"][0] < -0.7
+    assert in_paper_sign(0.25) == -0.25 and np.isnan(in_paper_sign(np.nan))
+    assert all(np.array_equal(stored[key], table[key]) for key in ("pearson_r", "spearman_r"))  # stored: unchanged
+    assert "baseline minus ablated" in SIGN_NOTE and "paper's sign" in SIGN_NOTE
+
+
+def test_folded_l1_is_named_so():
+    attributes, targets = _vectors()
+    attributes = {"L1": attributes["a"], "sparsity": attributes["b"]}
+    table = relation_table(attributes, targets, n_resamples=0)
+    named, renamed = name_folded_l1(attributes, table)
+    assert list(named) == [FOLDED_L1, "sparsity"] and list(renamed["attributes"]) == [FOLDED_L1, "sparsity"]
+    assert list(table["attributes"]) == ["L1", "sparsity"]  # the original table is left as it was
+
+
 def test_pipeline_stores_the_relations_table(tiny_run):
     store = StoreReader(tiny_run["store"])
     for layer in store.layers:
@@ -99,3 +127,25 @@ def test_attributes_page_renders(store_env):
     coefficients = at.dataframe[0].value
     assert set(coefficients["against"]) == {"overall drop", "max class drop"}
     assert "max concept IoU" in set(coefficients["attribute"])
+    np.testing.assert_array_equal(coefficients["paper's sign"], -coefficients["Pearson r"])
+    captions = [c.value for c in at.caption]
+    assert SIGN_NOTE in captions
+    assert "L1" in set(coefficients["attribute"]) and not any(FOLDED_L1 in c for c in captions)  # demo: no BN
+
+
+def test_attributes_page_marks_a_bn_folded_l1(store_env, tmp_path, monkeypatch):
+    """A store whose L1 array says it is BN-folded shows it as such; stores without the attr (older) do not."""
+    directory = tmp_path / "stores"
+    directory.mkdir()
+    store = directory / "folded.h5"
+    shutil.copy(store_env["store"], store)
+    with h5py.File(store, "r+") as h5:
+        for layer in h5["layers"]:
+            h5[f"layers/{layer}/attributes/l1"].attrs["folded_batch_norm"] = "bn" + layer[-1]
+    monkeypatch.setenv("UNIT_ABLATION_STORES", str(directory))
+    at = open_view("attributes", store)
+    coefficients = at.dataframe[0].value
+    assert FOLDED_L1 in set(coefficients["attribute"]) and "L1" not in set(coefficients["attribute"])
+    assert FOLDED_L1 in at.dataframe[-1].value.columns  # the ranking
+    note = next(c.value for c in at.caption if c.value.startswith(FOLDED_L1))
+    assert "batch norm bn5" in note and "|γ| / √(running var + ε)" in note

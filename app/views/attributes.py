@@ -1,5 +1,8 @@
 """Attributes (the paper's Fig. 5): every scalar unit attribute against the overall drop and the max class drop.
 
+Drops are baseline minus ablated; the coefficient table adds each Pearson r in the paper's sign (its drop is ablated
+minus baseline). A layer whose store says its L1 is BN-folded shows it as "BN-folded L1".
+
 Brushing a range in any panel selects those units in every panel and lists them; clicking a point opens that unit.
 A ranking table orders the units by any attribute or drop and exports as CSV.
 """
@@ -7,6 +10,7 @@ A ranking table orders the units by any attribute or drop and exports as CSV.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,8 +18,9 @@ import streamlit as st
 
 from app import loaders
 from app.common import chart_downloads, compare_store, guarded, store_and_layer, table
-from compute.relations import CONFIDENCE, TARGETS, coefficients, drop_targets, scalar_attributes, store_reader
-from figures.attributes import coefficient_frame, scatter_grid, unit_frame
+from compute.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets, folded_l1,
+                               name_folded_l1, scalar_attributes, store_reader)
+from figures.attributes import PAPER_SIGN_COLUMN, coefficient_frame, scatter_grid, unit_frame
 
 TARGET_NAMES = [name for name, *_ in TARGETS]
 
@@ -45,16 +50,41 @@ def layer_data(store, layer: str) -> tuple[pd.DataFrame, dict, list[str]]:
     read = store_reader(lambda path: loaders.array(store.path, path), store.has, layer)
     attributes, targets = scalar_attributes(read), drop_targets(read)
     coefficients_table = coefficients(read, attributes, targets)
+    if folded_l1(l1_attrs(store, layer)):
+        attributes, coefficients_table = name_folded_l1(attributes, coefficients_table)
     shown = [name for name in attributes if name in list(coefficients_table["attributes"])]
     frame = unit_frame(attributes, targets, loaders.layer_array(store.path, layer, "ablation", "class_drop"),
                        list(store.classes))
     return frame, coefficients_table, shown
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _l1_attrs(path: str, stamp: float, layer: str) -> dict:
+    return loaders.reader(Path(path)).read_attrs(f"layers/{layer}/attributes/l1")
+
+
+def l1_attrs(store, layer: str) -> dict:
+    """The attrs of the layer's L1 array (``source``, and since BN folding ``folded_batch_norm``, ``definition``),
+    cached by store path and mtime like every other read."""
+    return _l1_attrs(str(store.path), loaders.mtime(Path(store.path)), layer)
+
+
+def l1_note(store, layer: str) -> str | None:
+    """A line saying the layer's L1 is BN-folded, where its store says so (older stores do not say: no line)."""
+    attrs = l1_attrs(store, layer)
+    bn = folded_l1(attrs)
+    if not bn:
+        return None
+    return (f"{FOLDED_L1}: |γ| / √(running var + ε) · ‖w‖₁ of {attrs.get('source', 'the conv')}'s filter through "
+            f"batch norm {bn}; batch norm undoes any rescaling of the filter, so this, not the plain ‖w‖₁, is the "
+            f"unit's own norm.")
+
+
 def coefficient_table(store, layer: str, coefficients_table: dict) -> None:
     table(coefficient_frame(coefficients_table, CONFIDENCE), f"{store.name}-{layer}-coefficients", hide_index=True,
           width="stretch", column_config={c: st.column_config.NumberColumn(format="%.3g") for c in
-                                          ("Pearson r", "Pearson r p", "Spearman ρ", "Spearman ρ p")})
+                                          ("Pearson r", PAPER_SIGN_COLUMN, "Pearson r p", "Spearman ρ",
+                                           "Spearman ρ p")})
     if not store.has(f"layers/{layer}/relations/pearson_r"):
         st.caption("Computed here without bootstrap intervals: rerun `python -m compute.all` for the stored table.")
 
@@ -70,6 +100,9 @@ def comparison(other, layer: str) -> None:
     chart = scatter_grid(frame, shown, TARGET_NAMES, coefficients_table, interactive=False)
     st.altair_chart(chart)
     chart_downloads(chart, f"{other.name}-{layer}-fig5", frame)
+    note = l1_note(other, layer)
+    if note:
+        st.caption(note)
     coefficient_table(other, layer, coefficients_table)
 
 
@@ -95,6 +128,10 @@ def render() -> None:
         st.switch_page("views/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
     st.caption("Top row: overall accuracy drop; bottom row: max class accuracy drop, in points. Drag to select "
                "units in a range, click a point to open that unit.")
+    st.caption(SIGN_NOTE)
+    note = l1_note(store, layer)
+    if note:
+        st.caption(note)
     if selection.get("brush"):
         chosen = brushed_units(frame, selection["brush"])
         st.subheader(f"{len(chosen)} units in the selected range")

@@ -48,7 +48,8 @@ class ModelSpec:
     to_sequence(model) -> nn.Sequential of named steps, sharing the model's parameters.
     layers: user-facing layer name -> name of the step whose output is that layer (after the nonlinearity).
     unit_weights: user-facing layer name -> name (in model.named_modules()) of the conv whose output channels are
-        the layer's units; its weight rows give the L1 attribute.
+        the layer's units; its weight rows give the L1 attribute (folded with the batch norm that follows the conv,
+        where one does: see ``batch_norm_after``).
     load(weights_path or None, data_dir) -> (model in eval mode, provenance dict with 'weights_path', 'weights_sha256').
     dataset: the default validation data kind ('synthscenes', 'places365', 'imagenet').
     """
@@ -106,6 +107,39 @@ def _load_builtin() -> None:
         return
     _BUILTIN_LOADED = True
     from compute.models import demo, variants, zoo  # noqa: F401
+
+
+def batch_norm_after(model, conv: str) -> str | None:
+    """Name (in ``model.named_modules()``) of the batch norm that normalises the output of module ``conv``, or None.
+
+    Read from the model's graph (torch.fx): the conv's output must feed that batch norm and nothing else, e.g.
+    ``conv3`` -> ``bn3`` in demo-bn, ``features.0`` -> ``features.1`` in the AlexNet ``-bn`` variants and
+    ``layerN.1.conv2`` -> ``layerN.1.bn2`` in ResNet18 (the block's ``relu(bn2(conv2(x)) + identity)``). A model
+    that cannot be traced falls back to its layout: the module right after the conv in the same ``nn.Sequential``.
+    """
+    from torch import fx, nn
+
+    modules = dict(model.named_modules())
+    is_bn = lambda name: isinstance(modules.get(name), nn.modules.batchnorm._BatchNorm)  # noqa: E731
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow and other untraceable code: judge by the layout instead
+        parent, _, child = conv.rpartition(".")
+        container = modules.get(parent)  # "" is the model itself
+        if isinstance(container, nn.Sequential):
+            names = [name for name, _ in container.named_children()]
+            if child in names and names.index(child) + 1 < len(names):
+                following = ".".join(filter(None, (parent, names[names.index(child) + 1])))
+                return following if is_bn(following) else None
+        return None
+    found = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target == conv:
+            users = list(node.users)
+            if len(users) != 1 or users[0].op != "call_module" or not is_bn(users[0].target):
+                return None  # the conv's output also goes elsewhere, or into no batch norm: nothing to fold
+            found.add(users[0].target)
+    return found.pop() if len(found) == 1 else None
 
 
 def sha256_of(path: Path) -> str:
