@@ -254,10 +254,15 @@ def _layer_stages():
 
 
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
+    from compute.dissection import UNION_RULES
+
     group = parser.add_argument_group("analyses")
     group.add_argument("--top-k", type=int, default=10, help="top activating images kept per unit")
     group.add_argument("--quantile", type=float, default=0.005, help="dissection: top activation quantile")
     group.add_argument("--iou-threshold", type=float, default=0.04, help="dissection: IoU to call a detector")
+    group.add_argument("--union-rule", choices=UNION_RULES, default=UNION_RULES[0],
+                       help="dissection: where a unit's active area joins a category's union: on images carrying a "
+                            "label of the category (image) or where it touches one, as NetDissect-Lite (pixel)")
     group.add_argument("--greedy-steps", type=int, default=20, help="greedy ablation: units per class (0 = skip)")
     group.add_argument("--greedy-classes", nargs="*", default=None,
                        help="greedy ablation: class names or indices (default: all classes)")

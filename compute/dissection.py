@@ -5,12 +5,27 @@ For each unit u of a layer, over a concept data set in the Broden layout (comput
 1. T_u is the top ``quantile`` (0.5%) of u's activations over every position of every concept image, computed exactly
    in bounded memory (compute.quantiles.TopQuantile keeps only the tail).
 2. On each image u's activation map is upsampled (bilinear) to the segmentation size and binarised: M_u = map > T_u.
-3. For each concept c, IoU(u, c) = sum_images |M_u & L_c| / sum_images |M_u | L_c|. Image-level labels (scene,
-   texture) cover the whole image. M_u counts towards the union of c only on images annotated in c's category (an
-   image without part annotations says nothing about parts), so the union is
-   |M_u| summed over those images + |L_c| - |M_u & L_c|. This is the published method's rule; NetDissect-Lite's
-   code instead counts M_u for a category only where the active pixels touch some label of it, which leaves scene
-   and texture unions without the active area.
+3. For each concept c, IoU(u, c) = sum_images |M_u & L_c| / sum_images (|A_g| + |L_c| - |M_u & L_c|), where L_c
+   is the set of pixels that carry c in any of the image's label maps (an image-level label, scene or texture, covers
+   the whole image) and A_g is the part of M_u that counts towards the unions of c's category g on that image.
+   A concept's category g is the primary category of its Broden label (compute.data.broden: a label such as fabric,
+   ``material(36);object(3)``, can sit in another category's index.csv column). The union rule decides A_g:
+
+   - ``image`` (the default, the published definition): A_g = M_u on images annotated in g, that is carrying at
+     least one label whose primary category is g, whichever index.csv column holds it; else nothing. An image
+     without part labels says nothing about parts.
+   - ``pixel`` (NetDissect-Lite's tally, ``FeatureOperator.tally_job``): A_g = M_u on images where M_u touches a
+     label of category g: some active pixel carries one in some label map, or the image has an image-level label of
+     g (which covers every active pixel); else nothing. A unit active only on unlabelled pixels of an image adds
+     nothing to that image's unions.
+
+   Either way M_u counts whole when it counts. Under both rules an image where M_u & L_c is not empty counts M_u
+   towards c's category, so every image's union is at least its intersection and IoU <= 1. (The rule before this
+   fix took "annotated in g" from index.csv's column g being non-empty: on an image holding fabric only in its
+   object column the intersection and label area of fabric were counted and the active area was not, so IoU
+   could exceed 1.) A pixel counts once for c however many of the image's maps carry c; NetDissect-Lite counts it
+   once per map. The rule a store used is the attribute ``union_rule`` of ``layers/<L>/dissection`` and of its
+   ``iou`` (``--union-rule``; stores without it counted by index.csv column).
 
 Concept images enter the network at its input size: each image is resized to the crop size (a no-op for
 broden1_224 with 224-pixel models and for SynthScenes with the demo) and normalised with the model's mean and std,
@@ -43,6 +58,7 @@ from compute.sequence import run_to
 from store.writer import write_array
 
 STAGE = "dissection"
+UNION_RULES = ("image", "pixel")  # see the module docstring; the first is the default
 PASSES = ("thresholds", "iou")  # each sharded under torchrun: <stage>/<pass>/shard-r-of-w
 
 
@@ -79,8 +95,9 @@ class ConceptTable:
 class EncodedLabels:
     """One image's annotations as a dense coverage matrix over the concepts it contains.
 
-    coverage[p, j] is in how many of the image's label maps pixel p carries concept ``concepts[j]``; an image-level
-    label is a column of ones (it covers the whole image). ``present`` marks the categories the image is annotated in.
+    coverage[p, j] is 1 where pixel p carries concept ``concepts[j]`` in any of the image's label maps, else 0; an
+    image-level label is a column of ones (it covers the whole image). ``present`` marks the categories the image is
+    annotated in: the primary categories of the concepts it carries, whichever index.csv column they came in.
     """
 
     shape: tuple[int, int]
@@ -94,7 +111,7 @@ def encode_labels(labels: ImageLabels, table: ConceptTable) -> EncodedLabels:
     pixels = sh * sw
     maps = [m if m.shape == (sh, sw) else cv2.resize(m, (sw, sh), interpolation=cv2.INTER_NEAREST)
             for m in labels.pixel]
-    columns, concepts = [], []
+    covered, concepts = np.zeros((pixels, 0), bool), np.zeros(0, np.int64)
     if maps:
         stacked = np.stack(maps).reshape(len(maps), pixels)
         numbers = np.flatnonzero(np.bincount(stacked.ravel()))  # label numbers are small: no sort needed
@@ -104,14 +121,16 @@ def encode_labels(labels: ImageLabels, table: ConceptTable) -> EncodedLabels:
         counts = np.bincount(flat, minlength=pixels * len(numbers)).reshape(pixels, len(numbers))
         index = table.lookup(numbers)
         keep = index >= 0
-        columns.append(counts[:, keep].astype(np.float32))
-        concepts.append(index[keep])
+        # a set per concept: two maps repeating a label at a pixel must not count it twice (IoU could pass 1)
+        covered, concepts = counts[:, keep] > 0, index[keep]
     scalars = table.lookup(np.unique(np.asarray(labels.image_level, np.int64)))
     scalars = scalars[scalars >= 0]
-    columns.append(np.ones((pixels, len(scalars)), np.float32))
-    concepts.append(scalars)
-    present = np.array([name in labels.categories_present for name in table.category_names], bool)
-    return EncodedLabels((sh, sw), np.concatenate(concepts).astype(np.int64), np.concatenate(columns, axis=1), present)
+    in_maps = ~np.isin(concepts, scalars)  # an image-level label covers the image whatever its maps say
+    concepts = np.concatenate([concepts[in_maps], scalars]).astype(np.int64)
+    coverage = np.concatenate([covered[:, in_maps], np.ones((pixels, len(scalars)), bool)], axis=1)
+    present = np.zeros(len(table.category_names), bool)
+    present[table.category_index[concepts]] = True
+    return EncodedLabels((sh, sw), concepts, coverage.astype(np.float32), present)
 
 
 class ConceptImages(torch.utils.data.Dataset):
@@ -200,10 +219,13 @@ def concept_thresholds(sequence, step: str, source: ConceptSource, quantile: flo
 
 
 class IoUTally:
-    """Running sums over images: |M_u & L_c|, |L_c|, and |M_u| on images annotated in each category."""
+    """Running sums over images: |M_u & L_c|, |L_c|, and per category the active area |A_g| that the union rule
+    counts (module docstring)."""
 
-    def __init__(self, units: int, table: ConceptTable, device=None):
-        self.table = table
+    def __init__(self, units: int, table: ConceptTable, device=None, union_rule: str = UNION_RULES[0]):
+        if union_rule not in UNION_RULES:
+            raise ValueError(f"union rule {union_rule!r} is not one of {', '.join(UNION_RULES)}")
+        self.table, self.union_rule = table, union_rule
         self.intersection = torch.zeros(units, len(table), dtype=torch.float64, device=device)
         self.label_area = np.zeros(len(table), np.float64)
         self.active_area = torch.zeros(units, len(table.category_names), dtype=torch.float64, device=device)
@@ -221,15 +243,30 @@ class IoUTally:
         image, unit = hit.nonzero(as_tuple=True)  # sorted by image
         upsampled = F.interpolate(acts[image, unit][:, None], size=shape, mode="bilinear", align_corners=False)
         active = (upsampled[:, 0] > thresholds[unit][:, None, None]).flatten(1).float()  # [pairs, pixels]
-        present = torch.from_numpy(np.stack([item.present for item in labels])).to(device, torch.float64)
-        self.active_area.index_put_((unit,), active.sum(1).double()[:, None] * present[image], accumulate=True)
-        for item, rows, units in zip(labels, active.split(hit.sum(1).tolist()), unit.split(hit.sum(1).tolist())):
+        area = active.sum(1).double()
+        if self.union_rule == "image":
+            present = torch.from_numpy(np.stack([item.present for item in labels])).to(device, torch.float64)
+            self.active_area.index_put_((unit,), area[:, None] * present[image], accumulate=True)
+        per_image = hit.sum(1).tolist()
+        for item, rows, units, areas in zip(labels, active.split(per_image), unit.split(per_image),
+                                            area.split(per_image)):
             self.label_area += np.bincount(item.concepts, weights=item.coverage.sum(0), minlength=len(self.table))
             if len(units) and len(item.concepts):
                 overlap = rows @ torch.from_numpy(item.coverage).to(device)  # exact pixel counts (< 2^24)
                 concepts = torch.from_numpy(item.concepts).to(device)
                 self.intersection.index_put_((units[:, None], concepts[None, :]), overlap.double(), accumulate=True)
+                if self.union_rule == "pixel":
+                    touched = self._touched(overlap, item)
+                    self.active_area.index_put_((units,), areas[:, None] * touched, accumulate=True)
         self.images += len(labels)
+
+    def _touched(self, overlap: torch.Tensor, item: EncodedLabels) -> torch.Tensor:
+        """[pairs, categories] 1 where the unit's active pixels meet some concept of the category, else 0."""
+        category = torch.from_numpy(self.table.category_index[item.concepts]).to(overlap.device)
+        met = torch.zeros(overlap.shape[0], len(self.table.category_names), dtype=torch.float64,
+                          device=overlap.device)
+        met.index_add_(1, category, (overlap > 0).double())
+        return (met > 0).double()
 
     def state(self) -> dict:
         """The running sums as numpy arrays: whole numbers, so tallies of parts add up exactly (``merge``)."""
@@ -259,10 +296,10 @@ def _groups_by_shape(labels: list[EncodedLabels]) -> dict[tuple[int, int], list[
 
 
 def tally_iou(sequence, step: str, source: ConceptSource, table: ConceptTable, thresholds: np.ndarray,
-              batches=None) -> IoUTally:
+              batches=None, union_rule: str = UNION_RULES[0]) -> IoUTally:
     """Binarise each upsampled map at its unit's threshold and count overlaps with every concept (over the given
     batches, default all)."""
-    tally = IoUTally(len(thresholds), table, source.device)
+    tally = IoUTally(len(thresholds), table, source.device, union_rule)
     limits = torch.as_tensor(thresholds, dtype=torch.float32, device=source.device)
     for acts, labels in source.maps(sequence, step, table, desc=f"IoU {step}", batches=batches):
         for members in _groups_by_shape(labels).values():
@@ -270,8 +307,9 @@ def tally_iou(sequence, step: str, source: ConceptSource, table: ConceptTable, t
     return tally
 
 
-def merge_tallies(states: list[dict], table: ConceptTable) -> IoUTally:
-    tally = IoUTally(states[0]["intersection"].shape[0], table)
+def merge_tallies(states: list[dict], table: ConceptTable, union_rule: str = UNION_RULES[0]) -> IoUTally:
+    """The tally of the whole from those of its parts (all counted under ``union_rule``)."""
+    tally = IoUTally(states[0]["intersection"].shape[0], table, union_rule=union_rule)
     for state in states:
         tally.merge(state)
     return tally
@@ -283,14 +321,16 @@ class Dissection:
     iou: np.ndarray  # float64 [units, concepts]
     table: ConceptTable
     images: int
+    union_rule: str
 
 
-def dissect(sequence, step: str, source: ConceptSource, quantile: float = 0.005) -> Dissection:
+def dissect(sequence, step: str, source: ConceptSource, quantile: float = 0.005,
+            union_rule: str = UNION_RULES[0]) -> Dissection:
     """Both passes over the concept set: thresholds first, then the IoU tally at those thresholds."""
     table = ConceptTable.from_broden(source.broden)
     thresholds = concept_thresholds(sequence, step, source, quantile)
-    tally = tally_iou(sequence, step, source, table, thresholds)
-    return Dissection(thresholds, tally.iou(), table, tally.images)
+    tally = tally_iou(sequence, step, source, table, thresholds, union_rule=union_rule)
+    return Dissection(thresholds, tally.iou(), table, tally.images, union_rule)
 
 
 def best_concepts(iou: np.ndarray, category_index: np.ndarray, categories: int) -> dict[str, np.ndarray]:
@@ -326,28 +366,33 @@ def run_stage(ctx, layer: str) -> None:
     args = ctx.extra["args"]
     if not 0.0 < args.quantile < 1.0:
         raise UserError(f"--quantile {args.quantile} is not a fraction: use e.g. 0.005 (the top 0.5%)")
+    if args.union_rule not in UNION_RULES:
+        raise UserError(f"--union-rule {args.union_rule} is not one of {', '.join(UNION_RULES)}")
     source = ConceptSource(BrodenDataset(root), ctx.spec.preprocess, ctx.device, ctx.batch_size,
                            workers=default_workers() if ctx.device.type == "cuda" else 0)
-    result = _sharded_dissect(ctx, ctx.step(layer), source, args.quantile, f"{STAGE}/{layer}")
+    result = _sharded_dissect(ctx, ctx.step(layer), source, args.quantile, args.union_rule, f"{STAGE}/{layer}")
     if result is None:
         return
     best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
     with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
         write_concepts(h5, result.table)
         group = f"layers/{layer}/{STAGE}"
-        write_array(h5, f"{group}/iou", result.iou.astype(np.float32), description="[units, concepts]")
+        write_array(h5, f"{group}/iou", result.iou.astype(np.float32), description="[units, concepts]",
+                    union_rule=result.union_rule)  # on the numbers themselves, and with the other settings below
         write_array(h5, f"{group}/thresholds", result.thresholds.astype(np.float32),
                     description=f"top {args.quantile} quantile of each unit over the concept images")
         for name, value in best.items():
             write_array(h5, f"{group}/{name}", value)
         h5[group].attrs.update({"iou_threshold": float(args.iou_threshold), "quantile": float(args.quantile),
+                                "union_rule": result.union_rule,
                                 "concept_images": result.images, "concepts_path": str(root),
                                 "concepts_fingerprint": fingerprint(root)})
     for name in PASSES:
         ctx.drop_shards(f"{STAGE}/{layer}/{name}")
 
 
-def _sharded_dissect(ctx, step: str, source: ConceptSource, quantile: float, stage: str) -> Dissection | None:
+def _sharded_dissect(ctx, step: str, source: ConceptSource, quantile: float, union_rule: str,
+                     stage: str) -> Dissection | None:
     """``dissect`` with both passes' batches shared out between ranks; every rank needs the thresholds for its
     share of the tally, rank 0 alone gets the result (None elsewhere)."""
     table = ConceptTable.from_broden(source.broden)
@@ -356,8 +401,8 @@ def _sharded_dissect(ctx, step: str, source: ConceptSource, quantile: float, sta
         first, source.batch_count,
         lambda batches: threshold_state(ctx.sequence, step, source, quantile, batches),
         lambda shares: merge_thresholds([state for _, state in shares], quantile), everywhere=True)
-    tally = ctx.run_sharded(
+    tally = ctx.run_sharded(  # shares of another rule are never reused: the run key holds --union-rule
         second, source.batch_count,
-        lambda batches: tally_iou(ctx.sequence, step, source, table, thresholds, batches).state(),
-        lambda shares: merge_tallies([state for _, state in shares], table))
-    return None if tally is None else Dissection(thresholds, tally.iou(), table, tally.images)
+        lambda batches: tally_iou(ctx.sequence, step, source, table, thresholds, batches, union_rule).state(),
+        lambda shares: merge_tallies([state for _, state in shares], table, union_rule))
+    return None if tally is None else Dissection(thresholds, tally.iou(), table, tally.images, union_rule)

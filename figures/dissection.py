@@ -7,6 +7,25 @@ import numpy as np
 import pandas as pd
 
 
+UNION_RULE_NOTES = {
+    "image": "image presence: a unit's active area joins a category's union on every image that carries a label of "
+             "that category, whichever index.csv column holds it",
+    "pixel": "pixel contact, as NetDissect-Lite: a unit's active area joins a category's union on the images where it "
+             "touches a label of that category",
+}
+
+
+def union_rule_sentence(rule) -> str:
+    """One sentence naming the union rule a store's IoUs were counted under (the ``union_rule`` attribute; stores
+    written before it existed counted by index.csv column, which could put IoU above 1)."""
+    if rule is None:
+        return ("IoU union rule: image presence by index.csv column (before the fix): where a label sat in another "
+                "category's column its overlap counted but the unit's active area did not, which inflates IoU; "
+                "recompute the store to count by the labels present.")
+    rule = rule.decode() if isinstance(rule, bytes) else str(rule)
+    return f"IoU union rule: {UNION_RULE_NOTES.get(rule, rule)}."
+
+
 def detector_frame(best: np.ndarray, best_iou: np.ndarray, names, categories, threshold: float) -> pd.DataFrame:
     """One row per detector unit (best-concept IoU above ``threshold``): unit, concept, category, IoU."""
     units = np.flatnonzero(best_iou > threshold)

@@ -1,5 +1,6 @@
-"""Broden reader: decodes R + 256*G masks and image-level labels exactly, marks which categories each image is
-annotated in, agrees with SynthScenes' statistics, and names missing or broken files in one line."""
+"""Broden reader: decodes R + 256*G masks and image-level labels exactly, gives each label its primary category (by
+coverage, then image count, then listed order), agrees with SynthScenes' statistics, and names missing or broken
+files in one line."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from compute.data import synthscenes
-from compute.data.broden import BrodenDataset, Concept, fingerprint
+from compute.data.broden import BrodenDataset, Concept, fingerprint, primary_category
 from compute.errors import UserError
+from tests.broden_fixture import write_mask
 
 CATEGORY_CSV = """name,first,last,count,frequency
 color,1,2,2,2
@@ -44,14 +46,6 @@ COLOR_1 = np.full((4, 3), 1, np.int32)
 COLOR_2 = np.array([[2, 2, 1], [1, 1, 1], [1, 2, 2], [2, 2, 2]], np.int32)
 
 
-def write_mask(path, labels):
-    bgr = np.zeros(labels.shape + (3,), np.uint8)
-    bgr[:, :, 2] = labels % 256
-    bgr[:, :, 1] = labels // 256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), bgr)
-
-
 @pytest.fixture
 def tiny(tmp_path):
     (tmp_path / "category.csv").write_text(CATEGORY_CSV)
@@ -77,7 +71,7 @@ def test_tiny_broden_decodes_exactly(tiny):
     assert ds.pixel_categories == ["color", "object", "part"]  # material has no mask in this tiny set
     assert ds.image_categories == ["material", "scene", "texture"]
     assert [c.number for c in ds.concepts] == [1, 2, 3, 4, 300, 513, 600, 700, 701]
-    assert ds.concept(4) == Concept(4, "fabric", "material")  # the dominant (first) category
+    assert ds.concept(4) == Concept(4, "fabric", "material")  # no c_<category>.csv, equal counts: listed first
     assert ds.concept(300) == Concept(300, "car", "object")
 
     first = ds.labels(0)
@@ -85,17 +79,46 @@ def test_tiny_broden_decodes_exactly(tiny):
     assert [m.tolist() for m in first.pixel] == [COLOR_1.tolist(), OBJECT.tolist(), PART_1.tolist(),
                                                  PART_2.tolist()]
     assert first.image_level == [600]
-    assert first.categories_present == {"color", "object", "part", "scene"}
+    # fabric (4) sits in the object mask of an image without a material column; its category is material
+    assert categories_carried(ds, first) == {"color", "object", "part", "material", "scene"}
     assert first.shape == (4, 3)
 
     second = ds.labels(1)
     assert [m.tolist() for m in second.pixel] == [COLOR_2.tolist()]
     assert second.image_level == [700, 701]
-    assert second.categories_present == {"color", "texture"}
+    assert categories_carried(ds, second) == {"color", "texture"}
 
     image = ds.image(1)
     assert image.shape == (8, 6, 3) and image.dtype == np.uint8
     assert image[0, 0].tolist() == [255, 0, 0] and image[1, 1].tolist() == [0, 0, 0]
+
+
+def categories_carried(ds: BrodenDataset, labels) -> set[str]:
+    """The primary categories of the labels an image carries, in any column (what dissection calls present)."""
+    numbers = set(labels.image_level)
+    for m in labels.pixel:
+        numbers |= set(np.unique(m[m > 0]).tolist())
+    return {ds.concept(n).category for n in numbers}
+
+
+def test_primary_category_by_coverage_then_images_then_order():
+    entries = [("material", 36), ("object", 3)]
+    assert primary_category(entries, {}) == "material"  # no coverage: most images
+    assert primary_category(entries, {"material": 0.5, "object": 2.0}) == "object"  # coverage first
+    assert primary_category(entries, {"material": 1.0, "object": 1.0}) == "material"  # tie: most images
+    assert primary_category([("object", 3), ("part", 3)], {}) == "object"  # tie: listed first
+
+
+def test_coverage_files_decide_the_primary_category(tiny):
+    """With a c_<category>.csv for every category, fabric's larger coverage in object makes it an object label."""
+    for name in ("color", "object", "part", "material", "scene", "texture"):
+        rows = {"object": "1,3,sky,1,0.5\n2,4,fabric,1,0.5\n3,300,car,1,0.1\n", "material": "1,4,fabric,1,0.25\n"}
+        (tiny / f"c_{name}.csv").write_text("code,number,name,frequency,coverage\n" + rows.get(name, ""))
+    ds = BrodenDataset(tiny)
+    assert ds.concept(4) == Concept(4, "fabric", "object")
+    assert ds.concept(300) == Concept(300, "car", "object")
+    (tiny / "c_texture.csv").unlink()  # coverage from only some categories is not used
+    assert BrodenDataset(tiny).concept(4) == Concept(4, "fabric", "material")
 
 
 def test_split_filter(tiny):
@@ -129,7 +152,10 @@ def test_fingerprint_tracks_the_tables(tiny):
     (tiny / "images/b/two.png").unlink()  # images do not enter the fingerprint
     assert fingerprint(tiny) == first
     (tiny / "label.csv").write_text(LABEL_CSV.replace("car", "truck"))
-    assert fingerprint(tiny) != first
+    second = fingerprint(tiny)
+    assert second != first
+    (tiny / "c_object.csv").write_text("code,number,name,frequency,coverage\n1,4,fabric,1,0.5\n")
+    assert fingerprint(tiny) != second  # the c_ files decide primary categories
 
 
 def test_synthscenes_statistics_match_its_masks(tmp_path):
@@ -142,7 +168,7 @@ def test_synthscenes_statistics_match_its_masks(tmp_path):
     frequency = Counter()
     for i in range(len(ds)):
         labels = ds.labels(i)
-        assert {"color", "object", "scene", "texture"} <= labels.categories_present
+        assert {"color", "object", "scene", "texture"} <= categories_carried(ds, labels)
         assert all(m.shape == labels.shape == (64, 64) for m in labels.pixel)
         assert labels.pixel[1].min() > 0  # every pixel belongs to some object or background
         present = set(labels.image_level)

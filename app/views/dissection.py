@@ -10,7 +10,7 @@ import streamlit as st
 from app import loaders
 from app.common import chart_downloads, grid, guarded, side_by_side, store_and_layer, table
 from app.unit_sections import section_attrs
-from figures.dissection import category_counts, concept_table, counts_chart, detector_frame
+from figures.dissection import category_counts, concept_table, counts_chart, detector_frame, union_rule_sentence
 
 
 def layer_counts(store, threshold: float) -> pd.DataFrame:
@@ -56,6 +56,7 @@ def layer_view(store, layer: str, threshold: float) -> None:
     st.caption(f"Threshold T_u: the top {attrs.get('quantile', 0.005)} quantile of each unit over "
                f"{attrs.get('concept_images', '?')} concept images; a unit is counted under its best concept's "
                "category.")
+    st.caption(union_rule_sentence(attrs.get("union_rule")))
     st.subheader(f"{layer}: units by concept")
     table(concept_table(detectors), f"{store.name}-{layer}-concepts", hide_index=True,
           column_config={"best IoU": st.column_config.NumberColumn(format="%.3f")})

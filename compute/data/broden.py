@@ -6,8 +6,18 @@ Layout (see broden1_224/README.txt):
   ``images/``) whose per-pixel label number is R + 256*G. Segmentations are ``sh x sw`` (half the image size in
   broden1_224).
 - ``label.csv``: ``number,name,category,frequency,coverage,syns``; the category cell lists ``name(count)`` entries,
-  dominant first (``material(36);object(3)``). Label 0 means unlabelled.
+  the count being the images in which the label appears in that category (``material(36);object(3)``). Label 0
+  means unlabelled.
 - ``category.csv``: ``name,first,last,count,frequency``, one row per category, in Broden's order.
+- ``c_<category>.csv``: ``code,number,name,frequency,coverage``, the labels of one category with their coverage in
+  it (pixel portions in units of whole images).
+
+A label can sit in several categories' columns (fabric is mostly material but also appears in object masks), so a
+label has one *primary* category, chosen as NetDissect-Lite does (``primary_categories_per_index``): the category in
+which it covers most (c_<category>.csv's coverage). Without the c_ files, or on a tie, the category in which it
+appears in most images (label.csv's count) decides, then the one listed first. (NetDissect-Lite breaks exact
+coverage ties towards the later category of category.csv.) Whether an image is annotated in a category is then a
+question about the labels it carries, not about the index.csv column they came in: see compute.dissection.
 
 Masks are decoded lazily, one image at a time: the real Broden has 63,305 images.
 """
@@ -28,14 +38,14 @@ from compute.errors import UserError
 
 HINT = "download broden1_224 from netdissect.csail.mit.edu/data/ and unzip it, or pass --concepts PATH"
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
-FINGERPRINT_FILES = ("index.csv", "label.csv", "category.csv")
+FINGERPRINT_FILES = ("index.csv", "label.csv", "category.csv")  # and every c_<category>.csv there
 _CATEGORY_ENTRY = re.compile(r"^\s*([^()]+?)\s*\((\d+)\)\s*$")
 
 
 class Concept(NamedTuple):
     number: int
     name: str
-    category: str  # the dominant one, listed first in label.csv
+    category: str  # the primary one (see the module docstring)
 
 
 @dataclass
@@ -44,14 +54,14 @@ class ImageLabels:
 
     pixel: one decoded label map (int32 [sh, sw]) per mask file, whatever its category.
     image_level: label numbers that apply to the whole image (scene, texture).
-    categories_present: categories with any annotation for this image; Network Dissection counts a unit's active
-        area for a concept's IoU only over images annotated in that concept's category.
     shape: (sh, sw), the segmentation size the image-level labels cover.
+
+    Which index.csv column an entry came from is deliberately not kept: a label's category is its primary one
+    (BrodenDataset.concepts), whichever column holds it in this image.
     """
 
     pixel: list[np.ndarray]
     image_level: list[int]
-    categories_present: set[str]
     shape: tuple[int, int]
 
 
@@ -70,15 +80,32 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         raise UserError(f"cannot read {path} ({error}): the Broden folder is damaged; {HINT}") from None
 
 
-def _label_categories(cell: str, where: str) -> list[str]:
-    """``object(123);part(4)`` -> ['object', 'part']."""
-    names = []
+def _label_categories(cell: str, where: str) -> list[tuple[str, int]]:
+    """``object(123);part(4)`` -> [('object', 123), ('part', 4)]."""
+    entries = []
     for entry in cell.split(";"):
         match = _CATEGORY_ENTRY.match(entry)
         if not match:
             raise UserError(f"{where}: malformed category cell {cell!r} (expected like 'object(123)'); {HINT}")
-        names.append(match.group(1))
-    return names
+        entries.append((match.group(1), int(match.group(2))))
+    return entries
+
+
+def _float(value: str, where: str) -> float:
+    try:
+        return float(value) if value.strip() else 0.0  # Broden leaves some statistics empty
+    except ValueError:
+        raise UserError(f"{where}: expected a number, got {value!r}: the Broden tables are damaged; {HINT}") from None
+
+
+def primary_category(entries: list[tuple[str, int]], coverage: dict[str, float]) -> str:
+    """The category a label belongs to for dissection: most coverage, then most images, then listed first.
+
+    entries: label.csv's (category, images) pairs, in their listed order; coverage: the label's coverage in each
+    category (c_<category>.csv), empty when those files are absent.
+    """
+    ranked = [(coverage.get(name, 0.0), count, -position) for position, (name, count) in enumerate(entries)]
+    return entries[ranked.index(max(ranked))][0]
 
 
 def _int(value: str, where: str) -> int:
@@ -106,16 +133,32 @@ class BrodenDataset:
 
     def _read_labels(self) -> list[Concept]:
         path = self.root / "label.csv"
+        coverage = self._read_coverage()
         concepts = []
         for line, row in enumerate(_read_csv(path, ("number", "name", "category")), start=2):
             number = _int(row["number"], f"{path}:{line}")
             if number == 0:  # '-', unlabelled; some writers list it
                 continue
-            category = _label_categories(row["category"] or "", f"{path}:{line}")[0]
-            if category not in self.categories:
-                raise UserError(f"{path}:{line}: category {category!r} is not in category.csv; {HINT}")
+            entries = _label_categories(row["category"] or "", f"{path}:{line}")
+            known = [(name, count) for name, count in entries if name in self.categories]
+            if not known:
+                raise UserError(f"{path}:{line}: category {entries[0][0]!r} is not in category.csv; {HINT}")
+            category = primary_category(known, {name: table.get(number, 0.0) for name, table in coverage.items()})
             concepts.append(Concept(number, row["name"], category))
         return sorted(concepts)
+
+    def _read_coverage(self) -> dict[str, dict[int, float]]:
+        """{category: {label number: coverage}} from every c_<category>.csv; empty unless each category has one
+        (coverage from only some categories would favour those)."""
+        paths = {name: self.root / f"c_{name}.csv" for name in self.categories}
+        if not all(path.exists() for path in paths.values()):
+            return {}
+        coverage = {}
+        for name, path in paths.items():
+            rows = _read_csv(path, ("number", "coverage"))
+            coverage[name] = {_int(row["number"], f"{path}:{line}"): _float(row["coverage"] or "", f"{path}:{line}")
+                              for line, row in enumerate(rows, start=2)}
+        return coverage
 
     def _read_index(self, split: str | None) -> tuple[list[tuple], set[str]]:
         """Rows (image, split, ih, iw, sh, sw, cells per category) and the categories that come as masks."""
@@ -156,15 +199,14 @@ class BrodenDataset:
 
     def labels(self, i: int) -> ImageLabels:
         _, _, _, _, sh, sw, cells = self._rows[i]
-        pixel, image_level, present = [], [], set()
-        for category, cell in zip(self.categories, cells):
+        pixel, image_level = [], []
+        for cell in cells:
             for entry in filter(None, (e.strip() for e in cell.split(";"))):
-                present.add(category)
                 if entry.isdigit():
                     image_level.append(int(entry))
                 else:
                     pixel.append(self._decode(self.root / "images" / entry))
-        return ImageLabels(pixel, image_level, present, (sh, sw))
+        return ImageLabels(pixel, image_level, (sh, sw))
 
     @staticmethod
     def _decode(path: Path) -> np.ndarray:
@@ -178,10 +220,12 @@ class BrodenDataset:
 
 
 def fingerprint(root) -> str:
-    """sha256 over index.csv, label.csv and category.csv: identifies the concept data in provenance and cache keys."""
+    """sha256 over index.csv, label.csv, category.csv and the c_<category>.csv files (they decide each label's
+    primary category): identifies the concept data in provenance and cache keys."""
+    root = Path(root).expanduser()
     digest = hashlib.sha256()
-    for name in FINGERPRINT_FILES:
-        path = Path(root).expanduser() / name
+    for name in FINGERPRINT_FILES + tuple(sorted(path.name for path in root.glob("c_*.csv"))):
+        path = root / name
         try:
             data = path.read_bytes()
         except OSError:
