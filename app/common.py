@@ -75,6 +75,17 @@ def linked_select(label: str, options: list, param: str, key: str, default: int 
     return value
 
 
+LEVELS = [0.01, 0.05, 0.1, 0.2]
+
+
+def significance_level() -> float:
+    """The false discovery rate at which a drop is called significant (sidebar; query parameter ``fdr``)."""
+    return linked_select("Significance: q below", LEVELS, "fdr", "fdr", default=LEVELS.index(0.05), text=str,
+                         container=st.sidebar, help="A class drop is significant when its Benjamini-Hochberg q-value "
+                         "(over the layer's units x classes, from exact McNemar tests on the images it flips each "
+                         "way) is below this false discovery rate.")
+
+
 def choose_layer(store, section: str, key: str = "layer") -> str | None:
     """A layer picker limited to layers that hold ``section``; says which command computes it when none do."""
     layers = [layer for layer in store.layers if store.has_section(layer, section)]

@@ -52,6 +52,16 @@ def layer_array(path: Path, layer: str, section: str, name: str, selection=None)
     return array(path, f"layers/{layer}/{section}/{name}", selection)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _attrs(path: str, stamp: float, group: str) -> dict:
+    return _reader(path, stamp).read_attrs(group)
+
+
+def group_attrs(path: Path, group: str) -> dict:
+    """The attributes of a group or dataset of the store, cached like arrays."""
+    return _attrs(str(path), mtime(Path(path)), group)
+
+
 @st.cache_data(show_spinner=False, ttl=5)
 def available_stores(directory: str) -> list[tuple[str, str]]:
     """(path, label) for each finished store in the directory; broken files are listed with their problem."""

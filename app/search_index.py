@@ -7,7 +7,9 @@ import pandas as pd
 import streamlit as st
 
 # Scalar columns a range can be put on, in the order the picker offers them.
-RANGED = ["max class drop", "overall drop", "best IoU", "L1 norm", "max selectivity", "max correlation"]
+RANGED = ["max class drop", "overall drop", "least q of a class drop", "best IoU", "L1 norm", "max selectivity",
+          "max correlation"]
+LEAST_Q = "least q of a class drop"
 
 
 def layer_rows(layer: str, class_drop: np.ndarray, overall: np.ndarray, classes: np.ndarray, extra: dict) -> pd.DataFrame:
@@ -40,6 +42,10 @@ def unit_index(path: str, stamp: float) -> pd.DataFrame:
             best = store.layer(layer, "dissection", "best_concept")
             extra.update({"concept": concepts[best].astype(str), "category": categories[best].astype(str),
                           "best IoU": store.layer(layer, "dissection", "best_iou")})
+        if store.has(f"layers/{layer}/ablation/q_value"):
+            # the unit's strongest evidence of a drop: the smallest q among its classes that lost accuracy
+            q = store.layer(layer, "ablation", "q_value")
+            extra[LEAST_Q] = np.where(store.layer(layer, "ablation", "class_drop") > 0, q, 1.0).min(1)
         if store.has_section(layer, "attributes"):
             extra.update({"L1 norm": store.layer(layer, "attributes", "l1"),
                           "max selectivity": store.layer(layer, "attributes", "selectivity").max(1),
@@ -50,10 +56,14 @@ def unit_index(path: str, stamp: float) -> pd.DataFrame:
 
 
 def matching(frame: pd.DataFrame, concept: str = "", target: str = "", attribute: str | None = None,
-             low: float | None = None, high: float | None = None) -> pd.DataFrame:
-    """Rows whose concept label contains ``concept`` (any case), whose most hurt class is ``target``, and whose
-    ``attribute`` lies in [low, high]; an empty filter keeps every row."""
+             low: float | None = None, high: float | None = None, significant_below: float | None = None
+             ) -> pd.DataFrame:
+    """Rows whose concept label contains ``concept`` (any case), whose most hurt class is ``target``, whose
+    ``attribute`` lies in [low, high], and (given ``significant_below``) with a class drop whose q-value is below it;
+    an empty filter keeps every row."""
     mask = np.ones(len(frame), bool)
+    if significant_below is not None and LEAST_Q in frame:
+        mask &= (frame[LEAST_Q] < significant_below).to_numpy()
     if concept and "concept" in frame:
         mask &= frame["concept"].fillna("").str.contains(concept, case=False, regex=False).to_numpy()
     if target:

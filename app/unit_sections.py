@@ -20,15 +20,8 @@ OUTLINE = (255, 215, 0)
 COLUMNS = 5
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _attrs(path: str, stamp: float, group: str) -> dict:
-    from store import StoreReader
-
-    return StoreReader(path).read_attrs(group)
-
-
 def section_attrs(store, layer: str, section: str) -> dict:
-    return _attrs(str(store.path), loaders.mtime(store.path), f"layers/{layer}/{section}")
+    return loaders.group_attrs(store.path, f"layers/{layer}/{section}")
 
 
 def missing(store, layer: str, section: str) -> bool:

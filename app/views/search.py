@@ -10,8 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import current_store, from_link, guarded, linked_select, table, to_link
-from app.search_index import RANGED, matching, unit_index
+from app.common import current_store, from_link, guarded, linked_select, significance_level, table, to_link
+from app.search_index import LEAST_Q, RANGED, matching, unit_index
 
 def number(label: str, param: str, key: str, fallback: float, container) -> float:
     """A number input bound to query parameter ``param``; ``fallback`` (the data's bound) when the link has none."""
@@ -45,7 +45,14 @@ def filters(frame: pd.DataFrame, classes: list[str]) -> dict:
         bounds = st.columns(2)
         low = number("from", "low", f"search_low-{attribute}", float(np.nanmin(values)), bounds[0])
         high = number("to", "high", f"search_high-{attribute}", float(np.nanmax(values)), bounds[1])
-    return {"concept": concept.strip(), "target": target, "attribute": attribute or None, "low": low, "high": high}
+    level = significance_level()
+    from_link("search_significant", "significant", lambda text: text == "1")
+    only = st.checkbox(f"Only units with a significant class drop (q < {level})", key="search_significant",
+                       disabled=LEAST_Q not in frame, help=None if LEAST_Q in frame else "this store predates the "
+                       "significance tests: recompute it with `python -m compute.all --force`")
+    to_link("search_significant", "significant", "1" if only else "")
+    return {"concept": concept.strip(), "target": target, "attribute": attribute or None, "low": low, "high": high,
+            "significant_below": level if only else None}
 
 
 def render() -> None:
@@ -63,9 +70,11 @@ def render() -> None:
                                for layer, unit in zip(found["layer"], found["unit"])])
     table(shown, f"{store.name}-search", hide_index=True, width="stretch", column_config={
         "link": st.column_config.LinkColumn("open", display_text="open unit"),
-        **{name: st.column_config.NumberColumn(format="%.3f") for name in RANGED}})
+        **{name: st.column_config.NumberColumn(format="%.3g" if name == LEAST_Q else "%.3f") for name in RANGED}})
     st.caption("Drops in points; the most hurt class is the one whose accuracy falls most when the unit is ablated "
-               "(empty when none falls). Concept: the unit's best concept in Network Dissection.")
+               "(empty when none falls). Concept: the unit's best concept in Network Dissection. Least q: the smallest "
+               "Benjamini-Hochberg q-value among the unit's class drops (exact McNemar tests): below the chosen level, "
+               "the unit has a class drop beyond sampling noise.")
 
 
 guarded(render)

@@ -9,7 +9,9 @@ import streamlit as st
 
 from app import loaders
 from app.common import (chart_downloads, choose_layer, compare_store, current_store, from_link, guarded, linked_select,
-                        table, to_link)
+                        significance_level, table, to_link)
+from compute.relations import folded_l1
+from compute.significance import significant_drops
 
 TOP_CLASSES = 25
 
@@ -25,21 +27,37 @@ def choose_unit(units: int) -> int:
 
 
 def drop_chart(frame: pd.DataFrame, focus: str | None) -> alt.Chart:
-    """Bars of class accuracy drops in ``frame`` order; the focused class outlined."""
+    """Bars of class accuracy drops in ``frame`` order; the focused class outlined; where the frame says which drops
+    are significant, the others pale."""
+    marked = "significant" in frame
+    tooltip = ["class", alt.Tooltip("drop (%):Q", format=".1f")]
+    if marked:
+        tooltip += ["lost:Q", "gained:Q", alt.Tooltip("q:Q", format=".3g"), "significant:N"]
     return alt.Chart(frame).mark_bar().encode(
         x=alt.X("class:N", sort=alt.EncodingSortField("rank"), title=None),
         y=alt.Y("drop (%):Q", title="class accuracy drop (points)"),
         color=alt.condition(alt.datum["drop (%)"] > 0, alt.value("#c0392b"), alt.value("#2e86c1")),
+        opacity=alt.condition(alt.datum["significant"], alt.value(1.0), alt.value(0.35)) if marked else alt.value(1.0),
         stroke=alt.condition(alt.datum["class"] == (focus or ""), alt.value("black"), alt.value(None)),
         strokeWidth=alt.value(2),
-        tooltip=["class", alt.Tooltip("drop (%):Q", format=".1f")],
+        tooltip=tooltip,
     ).properties(height=320)
+
+
+def evidence(store, layer: str, unit: int) -> dict | None:
+    """The unit's paired counts and q-values per class, or None in a store written before they were kept."""
+    names = ("lost", "gained", "q_value")
+    if not all(store.has(f"layers/{layer}/ablation/{name}") for name in names):
+        return None
+    return {name: loaders.layer_array(store.path, layer, "ablation", name, unit) for name in names}
 
 
 def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tuple[str, str]]:
     rows = []
     if store.has_section(layer, "attributes"):
-        rows.append(("L1 norm", f"{float(loaders.layer_array(store.path, layer, 'attributes', 'l1', unit)):.3f}"))
+        label = "BN-folded L1 norm" if folded_l1(loaders.group_attrs(store.path, f"layers/{layer}/attributes/l1")) \
+            else "L1 norm"
+        rows.append((label, f"{float(loaders.layer_array(store.path, layer, 'attributes', 'l1', unit)):.3f}"))
         for name, label in (("selectivity", "class selectivity"), ("correlation", "class correlation")):
             vector = loaders.layer_array(store.path, layer, "attributes", name, unit)
             best = int(np.argmax(vector))
@@ -51,30 +69,56 @@ def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tup
     return rows
 
 
-def drops_view(store, layer: str, unit: int, focus: str | None) -> None:
-    """The unit's headline drops and its classes sorted by drop, for one store."""
+def counted(found: dict | None, index: int) -> str:
+    """'lost 5, gained 1, q = 0.03' for a class, or '' without the counts."""
+    if found is None:
+        return ""
+    return (f"{int(found['lost'][index])} images lost, {int(found['gained'][index])} gained, "
+            f"q = {found['q_value'][index]:.3g}")
+
+
+def drops_view(store, layer: str, unit: int, focus: str | None, level: float) -> None:
+    """The unit's headline drops and its classes sorted by drop, with the images each drop rests on, for one store."""
     classes = list(store.classes)
     class_drop = loaders.layer_array(store.path, layer, "ablation", "class_drop", unit)
     overall = float(loaders.layer_array(store.path, layer, "ablation", "overall_drop", unit))
+    found = evidence(store, layer, unit)
+    significant = None if found is None else significant_drops(found["q_value"], class_drop, level)
     worst = int(np.argmax(class_drop))
-    cols = st.columns(3)
+    cols = st.columns(4)
     cols[0].metric("Overall accuracy drop", f"{100 * overall:.2f} pts")
-    cols[1].metric("Max class drop", f"{100 * class_drop[worst]:.1f} pts", help=f"class {classes[worst]}")
+    cols[1].metric("Max class drop", f"{100 * class_drop[worst]:.1f} pts",
+                   help=f"class {classes[worst]}" + (f": {counted(found, worst)}" if found else ""))
     cols[2].metric("Classes hurt by ≥ 5 pts", int((class_drop >= 0.05).sum()))
+    cols[3].metric(f"Significant class drops (q < {level})", "—" if significant is None else int(significant.sum()),
+                   help="exact McNemar test per class on the images the ablation flips each way, Benjamini-Hochberg "
+                        "over the layer's units x classes" if found else "this store predates the significance "
+                        "tests: recompute it with `python -m compute.all --force`")
     if focus in classes:
         index = classes.index(focus)
         rank = int((class_drop > class_drop[index]).sum()) + 1
         st.metric(f"Drop for {focus}", f"{100 * class_drop[index]:.1f} pts",
-                  help=f"rank {rank} of {len(classes)} classes")
+                  help=f"rank {rank} of {len(classes)} classes" + (f"; {counted(found, index)}" if found else ""))
     order = np.argsort(-class_drop, kind="stable")
     shown = np.concatenate([order[:TOP_CLASSES], order[-5:]]) if len(order) > TOP_CLASSES + 5 else order
     if focus in classes and classes.index(focus) not in shown:
         shown = np.append(shown, classes.index(focus))
     frame = pd.DataFrame({"class": [classes[i] for i in shown], "drop (%)": 100 * class_drop[shown],
                           "rank": np.arange(len(shown))})
+    everything = pd.DataFrame({"class": classes, "drop (%)": 100 * class_drop})
+    if found is not None:
+        for table_ in (frame, everything):
+            rows = shown if table_ is frame else np.arange(len(classes))
+            table_["lost"] = found["lost"][rows]
+            table_["gained"] = found["gained"][rows]
+            table_["q"] = found["q_value"][rows]
+            table_["significant"] = significant[rows]
     st.subheader("Classes sorted by accuracy drop when this unit is removed")
     st.altair_chart(drop_chart(frame, focus), width="stretch")
-    everything = pd.DataFrame({"class": classes, "drop (%)": 100 * class_drop})
+    if found is not None:
+        st.caption(f"Solid bars: drops with q < {level}; pale bars may be sampling noise. Hover a bar for the images "
+                   "of the class the ablation made wrong (lost) and right (gained); drop = (lost - gained) / images "
+                   "of the class.")
     chart_downloads(drop_chart(frame, None).properties(title=f"{store.name} {layer} unit {unit}"),
                     f"{store.name}-{layer}-unit{unit}-class-drops", everything)
 
@@ -101,17 +145,18 @@ def render() -> None:
     unit = choose_unit(units)
     st.title(f"{layer} · unit {unit}")
     focus = linked_select("Class", [""] + classes, "class", "unit_class", format_func=lambda c: c or "none picked")
+    level = significance_level()
     other = compare_store()
     reason = None if other is None else same_unit_elsewhere(store, other, layer, unit)
     if other is None or reason:
-        drops_view(store, layer, unit, focus or None)
+        drops_view(store, layer, unit, focus or None, level)
         if reason:
             st.info(reason)
     else:  # the same weights on another validation set (or computed with other settings): the same unit
         for column, shown in zip(st.columns(2), (store, other)):
             with column:
                 st.subheader(shown.name)
-                drops_view(shown, layer, unit, focus or None)
+                drops_view(shown, layer, unit, focus or None, level)
     rows = attribute_rows(store, layer, unit, classes)
     if rows:
         st.subheader("Attributes")
