@@ -5,6 +5,12 @@
 STORE is a store file or the name of one in the store directory. Each figure comes with a CSV of the numbers it draws,
 and the charts are the ones the app shows (``figures/``), rendered without a browser. With several stores, the
 variants comparison (Figs. 8 and 9) is written too.
+
+Per store, ``significance.csv`` (also printed) says per layer how many units have a significant class drop and a
+significant overall drop (positive, Benjamini-Hochberg q below ``--fdr``), and, where the layer has random rotations,
+the same share for random directions and the Mann-Whitney tests of units against random directions
+(``figures.rotation.comparison``, as on the Rotation page). ``README.txt`` beside the figures holds the sentences a
+reader needs to read them: the drops' sign against the paper's Fig. 5, a BN-folded L1, how Table 1 is scored.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import altair as alt
 import pandas as pd
 
 from compute import paths
 from compute.errors import UserError, run_cli
+from compute.significance import LEVEL
 from figures import FORMATS, render
 from figures import attributes as fig5
 from figures import dissection, greedy, overview, prediction, rotation, variants
@@ -41,8 +49,25 @@ class Report:
     """Writes figures (image + CSV of their numbers) under one directory and remembers what it wrote."""
 
     def __init__(self, out: Path, fmt: str):
-        self.out, self.fmt, self.written = out, fmt, []
+        self.out, self.fmt, self.written, self.notes = out, fmt, [], {}
         out.mkdir(parents=True, exist_ok=True)
+
+    def note(self, topic: str, text: str) -> None:
+        """A sentence for README.txt under ``topic`` (each sentence once)."""
+        self.notes.setdefault(topic, [])
+        if text not in self.notes[topic]:
+            self.notes[topic].append(text)
+
+    def readme(self, title: str) -> None:
+        """README.txt: what the directory holds, then the notes by topic."""
+        if not self.notes:
+            return
+        lines = [title, "", "Each figure's numbers are in the CSV file of the same name.", ""]
+        for topic, texts in self.notes.items():
+            lines += [f"{topic}:", *(f"- {text}" for text in texts), ""]
+        path = self.out / "README.txt"
+        path.write_text("\n".join(lines))
+        self.written.append(path)
 
     def figure(self, name: str, chart, numbers: pd.DataFrame | None = None) -> None:
         path = self.out / f"{name}.{self.fmt}"
@@ -57,9 +82,57 @@ class Report:
         self.written.append(path)
 
 
+def optional(store: StoreReader, layer: str, section: str, name: str):
+    """A layer's dataset, or None in a store written before it existed."""
+    path = f"layers/{layer}/{section}/{name}"
+    return store.read(path) if store.has(path) else None
+
+
+SIGNIFICANCE_TOPIC = "Significance (significance.csv)"
+
+
+def significance_row(store: StoreReader, layer: str, level: float) -> dict:
+    """One layer's line of significance.csv: units and how many have a significant class drop and overall drop, then
+    (where the layer has random rotations) the rotation comparison of the Rotation page. Counts the store cannot give
+    (written before the tests) are None."""
+    drop = store.layer(layer, "ablation", "class_drop")
+    overall = store.layer(layer, "ablation", "overall_drop")
+    q_value = optional(store, layer, "ablation", "q_value")
+    row = {"layer": layer, **overview.significance_counts(drop, q_value, overall,
+                                                          optional(store, layer, "ablation", "overall_q_value"), level)}
+    if store.has_section(layer, "rotation"):
+        compared = rotation.comparison(drop, overall, store.layer(layer, "rotation", "class_drop"),
+                                       store.layer(layer, "rotation", "overall_drop"), q_value,
+                                       optional(store, layer, "rotation", "q_value"), level)
+        row.update({key: value for key, value in compared.items() if key not in row})
+    return row
+
+
+def significance_table(report: Report, store: StoreReader, layers: list[str], level: float) -> pd.DataFrame:
+    """significance.csv (one row per layer, the level in the column names), printed as well."""
+    frame = pd.DataFrame([significance_row(store, layer, level) for layer in layers])
+    frame = frame.rename(columns={name: name.replace(" drop", f" drop (q < {level})", 1) for name in frame.columns
+                                  if "significant" in name})
+    report.table("significance", frame)
+    missing = frame.isna().any().any()
+    report.note(SIGNIFICANCE_TOPIC, (
+        f"A drop is significant when it is positive (accuracy lost) and its q-value is below {level}: exact McNemar "
+        "test on the images the ablation flips each way, Benjamini-Hochberg over the layer's units x classes (for "
+        "random directions, over each rotation's directions x classes; the shares pool all rotations' directions)."))
+    if "rotations" in frame.columns:
+        report.note(SIGNIFICANCE_TOPIC, rotation.TEST_NOTE)
+    if missing:
+        report.note(SIGNIFICANCE_TOPIC, "Empty cells: not in this store (written before the significance tests), "
+                    f"recompute with python -m compute.all --model {store.attrs.get('model', 'MODEL')} --force.")
+    print(f"{store.name}: significance at q < {level} (one column per layer)")
+    print(frame.set_index("layer").T.to_string(na_rep="—", float_format=lambda v: f"{v:.4g}"))
+    return frame
+
+
 def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
     """Every per-layer figure the store has the sections for."""
-    from compute.relations import CONFIDENCE, TARGETS, coefficients, drop_targets, scalar_attributes, store_reader
+    from compute.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets, folded_l1,
+                                   name_folded_l1, scalar_attributes, store_reader)
 
     title = f"{store.name} {layer}"
     drop = store.layer(layer, "ablation", "class_drop")
@@ -70,11 +143,21 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
         read = store_reader(store.read, store.has, layer)
         attributes, targets = scalar_attributes(read), drop_targets(read)
         table = coefficients(read, attributes, targets)
+        l1 = store.read_attrs(f"layers/{layer}/attributes/l1")
+        if folded_l1(l1):
+            attributes, table = name_folded_l1(attributes, table)
+            report.note("Fig. 5", f"{layer}: {FOLDED_L1} is |gamma| / sqrt(running var + eps) * ||w||_1 of "
+                        f"{l1.get('source', 'the conv')}'s filter through batch norm {folded_l1(l1)}; batch norm "
+                        "undoes any rescaling of the filter, so this, not the plain ||w||_1, is the unit's own norm.")
         units = fig5.unit_frame(attributes, targets, drop, list(store.classes))
         shown = [name for name in attributes if name in list(table["attributes"])]
-        report.figure(f"fig5-{layer}", fig5.scatter_grid(units, shown, [name for name, *_ in TARGETS], table,
-                                                         interactive=False), units)
+        chart = fig5.scatter_grid(units, shown, [name for name, *_ in TARGETS], table, interactive=False)
+        report.figure(f"fig5-{layer}", chart.properties(title=alt.TitleParams(
+            f"{title}: attributes against drops", anchor="start",
+            subtitle="drops are baseline minus ablated (positive = accuracy lost), the opposite of the paper's "
+                     "Fig. 5 sign")), units)
         report.table(f"fig5-{layer}-coefficients", fig5.coefficient_frame(table, CONFIDENCE))
+        report.note("Fig. 5", f"{SIGN_NOTE} (fig5-<layer>-coefficients.csv)")
     if store.has_section(layer, "greedy"):
         acc = {name: store.layer(layer, "greedy", name) for name in
                ("classes", "class_acc", "random_class_acc", "heldout_acc", "heldout_select_acc")}
@@ -93,12 +176,12 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
             report.figure(f"fig7-{layer}-{name.replace(' ', '-')}",
                           rotation.curve_chart(values, name).properties(title=f"{title}: {name}"), numbers)
     if store.has(f"prediction/{layer}/accuracy"):
-        from compute.predict import read_table
+        from compute.predict import read_stored
 
-        group = f"prediction/{layer}"
-        arrays = {name: store.read(f"{group}/{name}") for name in ("attributes", "accuracy", "ci", "correct", "n_test")}
-        table = read_table(arrays, store.read_attrs(group), layer)
+        table = read_stored(store, layer)
         report.figure(f"table1-{layer}", prediction.accuracy_chart(table), prediction.table_frame(table))
+        for text in prediction.scoring_notes(table):
+            report.note(f"Table 1 ({layer})", text)
 
 
 def detector_figure(report: Report, store: StoreReader, layers: list[str], threshold: float) -> None:
@@ -113,7 +196,8 @@ def detector_figure(report: Report, store: StoreReader, layers: list[str], thres
         title=f"{store.name}: detector units (IoU > {threshold})"), counts)
 
 
-def store_report(store: StoreReader, out: Path, fmt: str, layers: list[str] | None, threshold: float) -> Report:
+def store_report(store: StoreReader, out: Path, fmt: str, layers: list[str] | None, threshold: float,
+                 level: float = LEVEL) -> Report:
     report = Report(out, fmt)
     chosen = [layer for layer in store.layers if store.has_section(layer, "ablation")
               and (not layers or layer in layers)]
@@ -127,6 +211,8 @@ def store_report(store: StoreReader, out: Path, fmt: str, layers: list[str] | No
     dissected = [layer for layer in chosen if store.has_section(layer, "dissection")]
     if dissected:
         detector_figure(report, store, dissected, threshold)
+    significance_table(report, store, chosen, level)
+    report.readme(f"Figures of the store {store.name}, written by python -m compute.report.")
     return report
 
 
@@ -157,24 +243,30 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="png")
     parser.add_argument("--layers", nargs="+", help="only these layers (default: every ablated layer)")
     parser.add_argument("--iou-threshold", type=float, default=DETECTOR_IOU, help="best-concept IoU of a detector")
+    parser.add_argument("--fdr", type=float, default=LEVEL, help="false discovery rate below which a drop's q-value "
+                                                                 f"is significant (default {LEVEL})")
     parser.add_argument("--store-dir", help="where store names are looked up (default: $UNIT_ABLATION_STORES or "
                                             "<data dir>/stores)")
     parser.add_argument("--data-dir")
     args = parser.parse_args(argv)
+    if not 0 < args.fdr < 1:
+        raise UserError(f"--fdr must be between 0 and 1 (got {args.fdr})")
     store_dir = paths.store_dir(args.store_dir, args.data_dir)
     stores = [resolve(name, store_dir) for name in args.stores]
     written = []
     try:
         for store in stores:
             written += store_report(store, args.out / store.name, args.format, args.layers,
-                                    args.iou_threshold).written
+                                    args.iou_threshold, args.fdr).written
         if len(stores) > 1:
             written += variants_report(stores, args.out / "variants", args.format, args.layers,
                                        args.iou_threshold).written
     except StoreError as error:
         raise UserError(str(error)) from None
     images = sum(path.suffix == f".{args.format}" for path in written)
-    print(f"wrote {images} figures and {len(written) - images} CSV files under {args.out}")
+    tables = sum(path.suffix == ".csv" for path in written)
+    notes = sum(path.suffix == ".txt" for path in written)
+    print(f"wrote {images} figures, {tables} CSV files and {notes} README.txt under {args.out}")
     return 0
 
 

@@ -1,12 +1,90 @@
-"""Fig. 7: units against random directions of the same layer, each curve sorted largest first."""
+"""Fig. 7: units against random directions of the same layer, each curve sorted largest first, and the two compared
+by tests rather than by medians (drops move in whole images per class, so medians of small sets tie).
+
+``comparison`` asks two questions of a layer: what share of units and what share of random directions have at least
+one significant class drop (positive, Benjamini-Hochberg q below the level; q-values per rotation for directions, over
+the same U x K cells as the units'), and whether units' max class drops (and overall drops) tend to be larger than
+random directions' (Mann-Whitney U, one-sided, random directions of all rotations pooled into one sample).
+"""
 
 from __future__ import annotations
 
 import altair as alt
 import numpy as np
 import pandas as pd
+from scipy import stats
+
+from compute.significance import LEVEL, significant_drops
 
 UNITS, RANDOM = "units", "random directions"
+ALTERNATIVE = "greater"  # units' drops larger than random directions' (the paper's claim, for both drops)
+TESTED = ("max class drop", "overall drop")
+EFFECT = "P(unit > random), ties ½"
+TEST_NOTE = ("The Mann-Whitney test asks whether a unit's drop tends to be larger than a random direction's "
+             "(one-sided, alternative 'greater', for the max class drop and for the overall drop; the random "
+             "directions of all rotations pooled into one sample); drops move in steps of one image per class, so many "
+             "values tie, and scipy's mannwhitneyu (method 'auto') then uses the normal approximation with the "
+             "tie-corrected variance and a continuity correction (its exact test only where a sample has at most 8 "
+             "values and none tie).")
+
+
+def _column(drop: str, what: str) -> str:
+    return f"{drop}: {what}"
+
+
+def significant_share(drop: np.ndarray, q_value: np.ndarray | None, level: float) -> tuple[int | None, int]:
+    """(how many of the rows have at least one significant class drop, how many rows), over every leading axis of
+    ``drop`` [..., K] (all rotations' directions together); None for the count where the store has no q-values."""
+    rows = int(np.prod(drop.shape[:-1]))
+    if q_value is None:
+        return None, rows
+    return int(significant_drops(q_value, drop, level).any(-1).sum()), rows
+
+
+def mann_whitney(units: np.ndarray, random: np.ndarray) -> dict:
+    """One-sided Mann-Whitney U of units' values against random directions' (all rotations pooled), as
+    ``scipy.stats.mannwhitneyu(units, random, alternative="greater")`` gives it: U (the units' statistic), the
+    effect U / (n_units n_random) = P(unit > random) + P(tie) / 2, and the p-value (1 where every value ties)."""
+    units, random = np.ravel(units).astype(np.float64), np.ravel(random).astype(np.float64)
+    if units.size == 0 or random.size == 0:
+        return {"U": np.nan, "effect": np.nan, "p": np.nan}
+    result = stats.mannwhitneyu(units, random, alternative=ALTERNATIVE, method="auto")
+    return {"U": float(result.statistic), "effect": float(result.statistic) / (units.size * random.size),
+            "p": float(result.pvalue)}
+
+
+def comparison(unit_drop: np.ndarray, unit_overall: np.ndarray, rot_drop: np.ndarray, rot_overall: np.ndarray,
+               unit_q: np.ndarray | None = None, rot_q: np.ndarray | None = None, level: float = LEVEL) -> dict:
+    """Units [U, K] / [U] against random directions [R, U, K] / [R, U] of a layer: the shares (%) with at least one
+    significant class drop at ``level`` (None where the store lacks the q-values), and the Mann-Whitney tests of the
+    max class drop and the overall drop (``mann_whitney``). Keys are the table's column names."""
+    unit_found, units = significant_share(unit_drop, unit_q, level)
+    rand_found, randoms = significant_share(rot_drop, rot_q, level)
+    row = {"units": units, "rotations": int(rot_drop.shape[0]), "random directions": randoms,
+           "units with a significant class drop": unit_found,
+           "random directions with a significant class drop": rand_found,
+           "units with a significant class drop (%)": None if unit_found is None else 100 * unit_found / units,
+           "random directions with a significant class drop (%)": None if rand_found is None else
+           100 * rand_found / randoms}
+    for name, (a, b) in zip(TESTED, ((unit_drop.max(-1), rot_drop.max(-1)), (unit_overall, rot_overall))):
+        test = mann_whitney(a, b)
+        row[_column(name, "Mann-Whitney U")] = test["U"]
+        row[_column(name, EFFECT)] = test["effect"]
+        row[_column(name, "p (units > random)")] = test["p"]
+    return row
+
+
+def mann_whitney_frame(row: dict) -> pd.DataFrame:
+    """The two tests of a ``comparison`` row, one line each, for a page or a report."""
+    return pd.DataFrame([{"drop": name, "Mann-Whitney U": row[_column(name, "Mann-Whitney U")],
+                          "units": row["units"], "random directions": row["random directions"],
+                          EFFECT: row[_column(name, EFFECT)],
+                          "p (one-sided, units > random)": row[_column(name, "p (units > random)")]}
+                         for name in TESTED])
+
+
+def format_p(p: float) -> str:
+    return "—" if p is None or not np.isfinite(p) else f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def curves(unit_drop: np.ndarray, unit_overall: np.ndarray, rot_drop: np.ndarray, rot_overall: np.ndarray) -> dict:

@@ -14,7 +14,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any test imports t
 import pytest
 
 TINY = {"train_per_class": 8, "val_per_class": 6}
-TINY_ARGS = ["--greedy-steps", "3", "--random-orders", "2", "--rotations", "1", "--top-k", "3"]
+TINY_ARGS = ["--greedy-steps", "3", "--random-orders", "2", "--rotations", "1", "--rotation-layers", "conv3", "conv4",
+             "conv5", "--top-k", "3"]
 
 
 @pytest.fixture(scope="session")

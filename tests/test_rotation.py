@@ -115,13 +115,169 @@ def test_rotations_zero_skips_the_stage():
         run_stage(SimpleNamespace(extra={"args": SimpleNamespace(rotations=0)}), "conv5")
 
 
-def test_rotation_page_shows_curves_and_summary(store_env):
+def significant_copy(source, target: Path, layer: str = "conv5") -> Path:
+    """A copy of a store in which some of ``layer``'s drops are significant (6 images per class cannot make one).
+
+    Units 0-9 lose all images of class u % K (drop 1, q 0.01); unit 10 gains all images of class 3 (drop -1, q 0.01:
+    significant, but a gain, not a drop); directions 0-2 of rotation 0 lose half the images of class 0 (drop 0.5,
+    q 0.02); units 0-4 have overall q 0.01. Counts, drops and p-values agree (compute.significance); the q-values are
+    set by hand, every other cell 1."""
+    import shutil
+
+    import h5py
+
+    from compute.significance import mcnemar_p
+
+    shutil.copy(source, target)
+    with h5py.File(target, "r+") as h5:
+        n = np.bincount(h5["images/labels"][()], minlength=len(h5["classes"])).astype(np.float64)
+        units, k = h5[f"layers/{layer}/ablation/lost"].shape
+        lost, gained, q = np.zeros((units, k), int), np.zeros((units, k), int), np.ones((units, k))
+        for u in range(10):
+            lost[u, u % k], q[u, u % k] = n[u % k], 0.01
+        gained[10, 3], q[10, 3] = n[3], 0.01
+        overall_q = np.ones(units)
+        overall_q[:5] = 0.01
+        rot_lost, rot_q = np.zeros((1, units, k), int), np.ones((1, units, k))
+        rot_lost[0, :3, 0], rot_q[0, :3, 0] = n[0] // 2, 0.02
+        for section, lost_, gained_, q_, overall_q_ in (("ablation", lost, gained, q, overall_q),
+                                                        ("rotation", rot_lost, np.zeros_like(rot_lost), rot_q,
+                                                         np.ones(rot_lost.shape[:2]))):
+            group = h5[f"layers/{layer}/{section}"]
+            for name, value in (("lost", lost_), ("gained", gained_), ("class_drop", (lost_ - gained_) / n),
+                                ("overall_lost", lost_.sum(-1)), ("overall_gained", gained_.sum(-1)),
+                                ("overall_drop", (lost_ - gained_).sum(-1) / n.sum()),
+                                ("p_value", mcnemar_p(lost_, gained_)), ("q_value", q_),
+                                ("overall_p_value", mcnemar_p(lost_.sum(-1), gained_.sum(-1))),
+                                ("overall_q_value", overall_q_)):
+                group[name][...] = value
+    return target
+
+
+def strip_tests(path: Path) -> Path:
+    """The store as written before the significance tests: no counts, p- or q-values."""
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        for layer in h5["layers"]:
+            for section in ("ablation", "rotation"):
+                for name in ("lost", "gained", "overall_lost", "overall_gained", "p_value", "q_value",
+                             "overall_p_value", "overall_q_value"):
+                    if f"{section}/{name}" in h5[f"layers/{layer}"]:
+                        del h5[f"layers/{layer}/{section}/{name}"]
+    return path
+
+
+def test_comparison_counts_shares_and_tests_like_scipy():
+    """Hand-made drops: units [4, 3], random directions of two rotations [2, 4, 3]."""
+    from scipy import stats
+
+    from figures.rotation import EFFECT, comparison
+
+    unit_drop = np.array([[0.5, 0, 0], [0, 0.25, 0], [0, 0, 0], [-0.5, 0, 0]])
+    unit_q = np.array([[0.01, 1, 1], [1, 0.2, 1], [1, 1, 1], [0.001, 1, 1]])  # unit 3: significant, but a gain
+    rot_drop = np.zeros((2, 4, 3))
+    rot_q = np.ones((2, 4, 3))
+    rot_drop[0, 0, 1], rot_q[0, 0, 1] = 0.25, 0.04
+    rot_drop[1, 2, 0], rot_q[1, 2, 0] = 0.5, 0.01
+    rot_drop[1, 3, 2], rot_q[1, 3, 2] = 0.25, 0.06
+    unit_overall, rot_overall = unit_drop.mean(1), rot_drop.mean(2)
+    row = comparison(unit_drop, unit_overall, rot_drop, rot_overall, unit_q, rot_q, level=0.05)
+    assert (row["units"], row["rotations"], row["random directions"]) == (4, 2, 8)
+    assert row["units with a significant class drop"] == 1 and row["units with a significant class drop (%)"] == 25
+    assert row["random directions with a significant class drop"] == 2
+    assert row["random directions with a significant class drop (%)"] == 25
+    loose = comparison(unit_drop, unit_overall, rot_drop, rot_overall, unit_q, rot_q, level=0.25)
+    assert loose["units with a significant class drop (%)"] == 50
+    assert loose["random directions with a significant class drop (%)"] == 100 * 3 / 8
+    for name, units, pooled in (("max class drop", unit_drop.max(1), rot_drop.max(2).ravel()),
+                                ("overall drop", unit_overall, rot_overall.ravel())):
+        expected = stats.mannwhitneyu(units, pooled, alternative="greater")
+        assert row[f"{name}: p (units > random)"] == expected.pvalue
+        assert row[f"{name}: Mann-Whitney U"] == expected.statistic
+        assert row[f"{name}: {EFFECT}"] == pytest.approx(expected.statistic / (4 * 8))
+    # drops tie (steps of one image): scipy's "auto" then takes the normal approximation, as the page says
+    assert row["max class drop: p (units > random)"] == stats.mannwhitneyu(
+        unit_drop.max(1), rot_drop.max(2).ravel(), alternative="greater", method="asymptotic").pvalue
+    old = comparison(unit_drop, unit_overall, rot_drop, rot_overall)  # a store without q-values
+    assert old["units with a significant class drop"] is None and old["random directions with a significant class "
+                                                                       "drop (%)"] is None
+    assert old["max class drop: p (units > random)"] == row["max class drop: p (units > random)"]
+
+
+def metric_values(at) -> dict:
+    """label -> (value, the gray second line)."""
+    return {metric.label: (metric.value, metric.delta) for metric in at.metric}
+
+
+def test_rotation_page_shows_shares_tests_and_curves(store_env):
+    from scipy import stats
+
     at = open_view("rotation", store_env["store"])
-    labels = [metric.label for metric in at.metric]
-    assert "Median max class drop, units" in labels and "Units / random" in labels
+    shown = metric_values(at)
+    # the tiny network is at chance: no ablation changes any prediction, so nothing is significant and nothing differs
+    assert shown["Significant class drop, units"] == ("0.0%", "0 of 128 units")
+    assert shown["Significant class drop, random"] == ("0.0%", "0 of 128 directions")
+    assert shown["Max class drop, units > random"] == ("p = 1", "Mann-Whitney U = 8192.0")  # 128 x 128 / 2: all tie
+    assert shown["Overall drop, units > random"][0] == "p = 1"
     assert len(at.get("vega_lite_chart")) == 2
-    table = at.dataframe[0].value
-    assert list(table.index) == ["conv3", "conv4", "conv5"]
+    tests = at.dataframe[0].value
     store = StoreReader(store_env["store"])
-    units_median = 100 * np.median(store.layer("conv5", "ablation", "class_drop").max(1))
-    assert table.loc["conv5", "median max class drop, units"] == pytest.approx(units_median)
+    units = store.layer("conv5", "ablation", "class_drop").max(1)
+    pooled = store.layer("conv5", "rotation", "class_drop").max(2).ravel()
+    expected = stats.mannwhitneyu(np.float64(units), np.float64(pooled), alternative="greater")
+    assert tests.loc[0, "Mann-Whitney U"] == expected.statistic
+    assert tests.loc[0, "p (one-sided, units > random)"] == expected.pvalue
+    table = at.dataframe[1].value
+    assert list(table.index) == ["conv3", "conv4", "conv5"]
+    assert table.loc["conv5", "median max class drop, units"] == pytest.approx(100 * np.median(units))
+    assert table.loc["conv5", "max class drop: p (units > random)"] == expected.pvalue
+    assert (table["units with a significant class drop (%)"] == 0).all()
+    captions = " ".join(caption.value for caption in at.caption)
+    assert "Mann-Whitney" in captions and "one image per class" in captions and "normal approximation" in captions
+
+
+def test_rotation_page_counts_significant_drops_at_the_chosen_level(store_env, tmp_path, monkeypatch):
+    from scipy import stats
+
+    from figures.rotation import format_p
+
+    path = significant_copy(store_env["store"], tmp_path / "demo.h5")
+    monkeypatch.setenv("UNIT_ABLATION_STORES", str(tmp_path))
+    at = open_view("rotation", path, layer="conv5")
+    shown = metric_values(at)
+    assert shown["Significant class drop, units"] == ("7.8%", "10 of 128 units")
+    assert shown["Significant class drop, random"] == ("2.3%", "3 of 128 directions")
+    store = StoreReader(path)
+    # in float64, as the page computes it (scipy keeps float32 input in float32)
+    expected = {name: stats.mannwhitneyu(np.float64(units), np.float64(pooled), alternative="greater").pvalue
+                for name, units, pooled in (
+        ("max class drop", store.layer("conv5", "ablation", "class_drop").max(1),
+         store.layer("conv5", "rotation", "class_drop").max(2).ravel()),
+        ("overall drop", store.layer("conv5", "ablation", "overall_drop"),
+         store.layer("conv5", "rotation", "overall_drop").ravel()))}
+    assert 0 < expected["max class drop"] < 0.05  # ten units lose a whole class, three directions half of one
+    tests = at.dataframe[0].value.set_index("drop")
+    for name in ("max class drop", "overall drop"):
+        assert shown[f"{name.capitalize()}, units > random"] == (
+            f"p = {format_p(expected[name])}", f"Mann-Whitney U = {tests.loc[name, 'Mann-Whitney U']:.1f}")
+        assert tests.loc[name, "p (one-sided, units > random)"] == expected[name]
+    table = at.dataframe[1].value
+    assert table.loc["conv5", "units with a significant class drop (%)"] == pytest.approx(100 * 10 / 128)
+    assert table.loc["conv5", "random directions with a significant class drop (%)"] == pytest.approx(100 * 3 / 128)
+    assert table.loc["conv4", "units with a significant class drop"] == 0
+    strict = metric_values(open_view("rotation", path, layer="conv5", fdr="0.01"))  # q 0.01 is not below 0.01
+    assert strict["Significant class drop, units"] == ("0.0%", "0 of 128 units")
+    assert strict["Significant class drop, random"] == ("0.0%", "0 of 128 directions")
+
+
+def test_rotation_page_on_a_store_without_the_tests(store_env, tmp_path, monkeypatch):
+    path = strip_tests(significant_copy(store_env["store"], tmp_path / "demo.h5"))
+    monkeypatch.setenv("UNIT_ABLATION_STORES", str(tmp_path))
+    at = open_view("rotation", path, layer="conv5")
+    shown = metric_values(at)
+    assert shown["Significant class drop, units"][0] == "—"
+    assert shown["Significant class drop, random"][0] == "—"
+    assert shown["Max class drop, units > random"][0].startswith("p = ")  # the test needs only the drops
+    captions = " ".join(caption.value for caption in at.caption)
+    assert "not in this store, recompute with `python -m compute.all --model demo --force`" in captions
