@@ -972,7 +972,7 @@ def _remove_stale(root: Path) -> None:
             pass
 
 
-def generate(root, seed: int = 0, train_per_class: int = 200, val_per_class: int = 50, image_size: int = 64, *,
+def generate(root, seed: int = 0, train_per_class: int = 200, val_per_class: int = 200, image_size: int = 64, *,
              workers: int | None = None, progress: bool = True) -> Path:
     """Generate SynthScenes at ``root`` (Broden layout plus Places365 file lists); return ``root``.
 
