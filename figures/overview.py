@@ -33,10 +33,12 @@ def curve_chart(frame: pd.DataFrame, title: str | None = None, pick=None) -> alt
         y=alt.Y("drop (%):Q", title="accuracy drop (points)"),
         color=alt.Color("curve:N", sort=CURVES),
         tooltip=tooltip + (["significant class drop:N"] if marked else []))
-    if marked:  # filled points: units with a significant class drop; hollow: the rest
-        points = base.mark_point(size=30).encode(
-            fill=alt.condition(alt.datum["significant class drop"], alt.Color("curve:N", sort=CURVES),
-                               alt.value("white")))
+    if marked:  # max class drop: filled and larger where the unit has a significant class drop, hollow elsewhere
+        shown = "datum.curve !== 'max class drop' || datum['significant class drop']"
+        points = base.mark_point().encode(
+            fill=alt.condition(shown, alt.Color("curve:N", sort=CURVES), alt.value("white")),
+            size=alt.condition("datum.curve === 'max class drop' && datum['significant class drop']", alt.value(70),
+                               alt.value(20)))
     else:
         points = base.mark_point(size=25, filled=True)
     if pick is not None:

@@ -35,11 +35,10 @@ def evidence_store(tiny_run, tmp_path, monkeypatch):
 def test_overview_counts_units_with_a_significant_drop(evidence_store):
     at = open_view("overview", evidence_store["path"], layer="conv5")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Units with a significant class drop"] == f"1 of {evidence_store['units']}"
-    assert metrics["Units with a significant overall drop"] == f"0 of {evidence_store['units']}"
+    assert metrics["Significant class drop"] == f"1 of {evidence_store['units']} units"
+    assert metrics["Significant overall drop"] == f"0 of {evidence_store['units']} units"
     at = open_view("overview", evidence_store["path"], layer="conv5", fdr="0.01")
-    assert {m.label: m.value for m in at.metric}["Units with a significant class drop"] == \
-        f"0 of {evidence_store['units']}"
+    assert {m.label: m.value for m in at.metric}["Significant class drop"] == f"0 of {evidence_store['units']} units"
 
 
 def test_unit_page_marks_significant_classes_with_their_counts(evidence_store):
@@ -71,7 +70,7 @@ def test_old_stores_without_counts_still_show(tiny_run, tmp_path, monkeypatch):
                 del f[f"layers/{layer}/ablation/{name}"]
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(directory))
     at = open_view("overview", path, layer="conv5")
-    assert {m.label: m.value for m in at.metric}["Units with a significant class drop"] == "—"
+    assert {m.label: m.value for m in at.metric}["Significant class drop"] == "—"
     at = open_view("unit", path, layer="conv5", unit="1")
     assert {m.label: m.value for m in at.metric}["Significant class drops (q < 0.05)"] == "—"
     open_view("search", path)

@@ -30,7 +30,7 @@ def layer_view(store, layer: str, level: float) -> None:
     per_class = np.bincount(loaders.array(store.path, "images/labels"))
     max_drop = class_drop.max(1)
     ratio = median_ratio(class_drop, overall, store.attrs.get("num_images", 1))
-    cols = grid(4)
+    cols = grid(3)
     cols[0].metric("Units", len(overall))
     cols[1].metric("Baseline accuracy", "—" if accuracy is None else f"{100 * float(accuracy):.1f}%",
                    help="the unablated network's accuracy over all validation images")
@@ -38,13 +38,13 @@ def layer_view(store, layer: str, level: float) -> None:
                    help=f"one image of a class is {100 / per_class.min():.2g} points"
                         + ("" if per_class.min() == per_class.max() else f" or less (classes of {per_class.min()}"
                            f" to {per_class.max()} images)"))
-    cols[3].metric("Median overall drop", f"{100 * np.median(overall):.2f} pts",
+    cols = grid(3)
+    cols[0].metric("Median overall drop", f"{100 * np.median(overall):.2f} pts",
                    help="Max class drop is typically many times the overall drop: "
                         f"median ratio {ratio:.1f}x in this layer")
-    cols = grid(2)
-    for column, key in zip(cols, ("units with a significant class drop", "units with a significant overall drop")):
-        found = counts[key]
-        column.metric(key.capitalize(), "—" if found is None else f"{found} of {len(overall)}",
+    for column, key in zip(cols[1:], ("units with a significant class drop", "units with a significant overall drop")):
+        found = counts[key]  # label kept short: it shares a third of the page at 1000 px
+        column.metric(key.replace("units with a s", "S"), "—" if found is None else f"{found} of {len(overall)} units",
                       help=f"q < {level}" if found is not None else "this store predates the significance tests: "
                       f"recompute it with `python -m compute.all --model {store.attrs.get('model', 'MODEL')} --force`")
     significant = None if q_value is None else significant_drops(q_value, class_drop, level).any(1)

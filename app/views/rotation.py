@@ -75,7 +75,7 @@ def layer_view(store, layer: str, level: float) -> None:
     missing = recompute_note(store)
     units_found = row["units with a significant class drop"]
     random_found = row["random directions with a significant class drop"]
-    cols = grid(4)
+    cols = [column for _ in range(2) for column in st.columns(2)]  # labels too long for four in a row
     cols[0].metric("Significant class drop, units", share_text(units_found, row["units"]),
                    **quiet(None if units_found is None else f"{units_found} of {row['units']} units"),
                    help=f"Significance tests: {missing}" if units_found is None
