@@ -35,22 +35,32 @@ def _marker(key: str) -> str:
     return f"_linked_{key}"
 
 
-def from_link(key: str, param: str, parse) -> None:
+def from_link(key: str, param: str, parse) -> str | None:
     """Set widget ``key``'s value before it is made: from query parameter ``param`` when the parameter changed since
     this session last wrote it (a followed link, a page switch that carries parameters), else the value it already
     has. Re-assigning the value matters: pages share keys ("layer", "unit"), but each page's widget is its own, and
     only an assigned value carries over to another page's widget of the same key. ``parse`` turns the text into the
-    widget's value, raising KeyError or ValueError when it names nothing valid."""
+    widget's value, raising KeyError or ValueError when it names nothing valid.
+
+    Returns the link's text when ``parse`` refused it (the widget then keeps its value), else None: the caller says
+    so once its widget shows what it shows instead (``link_refused``)."""
     wanted = st.query_params.get(param)
+    refused = None
     if wanted is not None and (wanted != st.session_state.get(_marker(key)) or key not in st.session_state):
         try:
             st.session_state[key] = parse(wanted)
             st.session_state[_marker(key)] = wanted
-            return
+            return None
         except (KeyError, ValueError):
-            pass
+            refused = wanted
     if key in st.session_state:
         st.session_state[key] = st.session_state[key]
+    return refused
+
+
+def link_refused(param: str, asked: str, why: str, shown: str, container=None) -> None:
+    """One line saying that a link asked for something this page cannot show, and what it shows instead."""
+    (container or st).warning(f"The link asks for {param} '{asked}', {why}: showing {shown} instead.")
 
 
 def to_link(key: str, param: str, text: str | None) -> None:
@@ -66,12 +76,15 @@ def linked_select(label: str, options: list, param: str, key: str, default: int 
                   **options_kw):
     """A selectbox whose choice lives in query parameter ``param`` (as ``text(option)``; None is the empty choice)."""
     as_text = lambda option: "" if option is None else text(option)  # noqa: E731
-    from_link(key, param, {as_text(option): option for option in options}.__getitem__)
+    refused = from_link(key, param, {as_text(option): option for option in options}.__getitem__)
     if key in st.session_state and st.session_state[key] not in options:
         del st.session_state[key]  # a value from another store or layer that this one lacks
     initial = {} if key in st.session_state else {"index": default}
     value = (container or st).selectbox(label, options, key=key, **initial, **options_kw)
     to_link(key, param, as_text(value))
+    if refused is not None:
+        shown = f"{param} {options_kw.get('format_func', as_text)(value)}" if as_text(value) else f"no {param}"
+        link_refused(param, refused, f"which is not among this page's {param} choices", shown, container)
     return value
 
 

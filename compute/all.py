@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from compute import distributed, paths
-from compute.errors import StageSkipped, UserError, run_cli
+from compute.errors import StageSkipped, UserError, disk_full, no_space_left, run_cli
 from compute.models import get_spec, model_names
 from store import StoreError, StoreWriter
 from store.writer import write_array
@@ -60,7 +61,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="recompute even if the store is up to date")
     for option in EXTRA_OPTIONS:
         option(parser)
-    return parser.parse_args(argv)
+    return check_options(parser.parse_args(argv))
+
+
+# Numeric options: the values that make sense, and what to pass instead. None (not given) is always fine.
+OPTION_RANGES = {
+    "seed": (lambda v: v >= 0, "a seed of 0 or more"),
+    "per_class": (lambda v: v >= 1, "at least 1 image per class (leave it out to use every image)"),
+    "batch_size": (lambda v: v >= 1, "a batch size of at least 1"),
+    "max_memory": (lambda v: 0 < v < math.inf, "a positive number of GiB"),
+    "top_k": (lambda v: v >= 0, "0 or more top images per unit (0 = skip)"),
+    "quantile": (lambda v: 0 < v < 1, "a quantile between 0 and 1, e.g. 0.005 for the top 0.5%"),
+    "iou_threshold": (lambda v: 0 <= v <= 1, "an IoU from 0 to 1, e.g. 0.04"),
+    "greedy_steps": (lambda v: v >= 0, "0 or more units per class (0 = skip)"),
+    "random_orders": (lambda v: v >= 0, "0 or more random orders"),
+    "rotations": (lambda v: v >= 0, "0 or more rotations per layer (0 = skip)"),
+}
+
+
+def check_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse a numeric option outside its range before any work starts (a negative --per-class would slice the
+    validation set from its end, a zero one take every image), in one line that says what to pass."""
+    for name, (valid, expected) in OPTION_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not valid(value):  # NaN fails every comparison, so is refused too
+            shown = f"{value:g}" if isinstance(value, float) else value
+            raise UserError(f"--{name.replace('_', '-')} {shown} is out of range: pass {expected}")
+    return args
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -212,6 +239,9 @@ def main(argv=None) -> int:
             if dist.is_main:
                 print(f"skipped {name}: {skipped}", file=sys.stderr)
         except Exception as error:
+            if no_space_left(error):  # the stage's part is discarded; the finished ones are kept for the rerun
+                writer.close()
+                raise disk_full(error, name, writer.parts) from None
             if dist.active:  # torchrun stops the other ranks; say what to do before its own report
                 print(f"rank {dist.rank} failed in stage {name}: {type(error).__name__}: {error}. Finished shards "
                       f"are kept in {writer.parts}: rerun the same command to resume.", file=sys.stderr)
@@ -219,7 +249,13 @@ def main(argv=None) -> int:
     if not dist.is_main:
         writer.close()
         return 0
-    writer.commit()
+    try:
+        writer.commit()
+    except Exception as error:
+        if no_space_left(error):  # the half-assembled store is removed; the parts are kept for the rerun
+            writer.close()
+            raise disk_full(error, f"{path.name} (assembling the finished stages)", path) from None
+        raise
     print(f"wrote {path} in {time.time() - started:.0f} s")
     return 0
 
@@ -270,6 +306,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                        help="greedy ablation: layers (default: the deepest chosen layer)")
     group.add_argument("--random-orders", type=int, default=10, help="greedy ablation: random-order seeds")
     group.add_argument("--rotations", type=int, default=1, help="random rotations (seeds) per layer (0 = skip)")
+    group.add_argument("--rotation-layers", nargs="*", default=None,
+                       help="random rotations: layers (default: the deepest chosen layer)")
 
 
 LAYER_STAGES = _layer_stages()

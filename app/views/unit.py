@@ -8,8 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import (chart_downloads, choose_layer, compare_store, current_store, from_link, guarded, linked_select,
-                        significance_level, table, to_link)
+from app.common import (chart_downloads, choose_layer, compare_store, current_store, from_link, guarded, link_refused,
+                        linked_select, significance_level, table, to_link)
 from compute.relations import folded_l1
 from compute.significance import significant_drops
 
@@ -17,12 +17,26 @@ TOP_CLASSES = 25
 
 
 def choose_unit(units: int) -> int:
-    from_link("unit", "unit", lambda text: min(max(int(text), 0), units - 1))
+    """The unit picker; a linked unit outside the layer shows the nearest one, a malformed link keeps the current
+    unit, and either says so."""
+    clamped = []
+
+    def parse(text: str) -> int:
+        number = int(text)  # ValueError for "abc" and "3.7"
+        if not 0 <= number < units:
+            clamped.append(text)
+        return min(max(number, 0), units - 1)
+
+    refused = from_link("unit", "unit", parse)
     if st.session_state.get("unit", 0) >= units:
         st.session_state["unit"] = units - 1  # kept from a wider layer
     unit = int(st.number_input("Unit", min_value=0, max_value=units - 1, step=1, key="unit",
                                **({} if "unit" in st.session_state else {"value": 0})))
     to_link("unit", "unit", str(unit))
+    if clamped:
+        link_refused("unit", clamped[0], f"outside this layer's units 0 to {units - 1}", f"unit {unit}")
+    elif refused is not None:
+        link_refused("unit", refused, "which is not a unit number", f"unit {unit}")
     return unit
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compute.errors import UserError
-from compute.models.registry import ModelSpec, Preprocess, register, sha256_of
+from compute.models.registry import ModelSpec, Preprocess, register, sha256_of, state_dict_in
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 24  # SynthScenes' scene classes (compute.data.synthscenes.CLASSES)
@@ -72,8 +72,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise UserError(f"cannot read weights file {path} ({type(error).__name__}): delete it and retrain with "
                         f"`python -m compute.train`, or pass a valid --weights") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = state_dict_in(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

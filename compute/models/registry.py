@@ -142,6 +142,46 @@ def batch_norm_after(model, conv: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+# Where training scripts keep the state dict inside a larger checkpoint ({'state_dict': ..., 'epoch': ...}).
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def state_dict_in(checkpoint, path: Path) -> dict:
+    """The state dict (parameter name -> tensor) a loaded checkpoint holds, itself or under one of
+    ``STATE_DICT_KEYS``; a UserError naming the file and what it holds instead for anything else (a lone tensor, a
+    list, a dict of other things), which ``load_state_dict`` would otherwise meet with a TypeError."""
+    import torch
+
+    state = checkpoint
+    if isinstance(state, dict):
+        state = next((state[key] for key in STATE_DICT_KEYS if isinstance(state.get(key), dict)), state)
+    if (isinstance(state, dict) and state
+            and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items())):
+        return state
+    raise UserError(f"weights file {path} holds no state dict but {_described(checkpoint)}: expected a mapping of "
+                    f"parameter names to tensors, optionally wrapped as {{'state_dict': ...}}; save one with "
+                    f"torch.save(model.state_dict(), FILE)")
+
+
+def _described(value) -> str:
+    """A few words on what a checkpoint holds, for the message that refuses it."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"a single tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        if not value:
+            return "an empty dict"
+        wrapped = next((key for key in STATE_DICT_KEYS if key in value), None)
+        if wrapped is not None:
+            return f"a dict whose '{wrapped}' holds {_described(value[wrapped])}"
+        keys = ", ".join(repr(key) for key in list(value)[:3])
+        return f"a dict with keys {keys}{', ...' if len(value) > 3 else ''}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return f"a {type(value).__name__}"
+
+
 def sha256_of(path: Path) -> str:
     import hashlib
 

@@ -30,10 +30,9 @@ from torch import nn
 from torchvision import models
 
 from compute.errors import UserError
-from compute.models.registry import ModelSpec, Preprocess, register, sha256_of
+from compute.models.registry import ModelSpec, Preprocess, register, sha256_of, state_dict_in
 
 PLACES_URL = "http://places2.csail.mit.edu/models_places365/{}"
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 ALEXNET_LAYERS = {"conv1": "features_1", "conv2": "features_4", "conv3": "features_7", "conv4": "features_9",
                   "conv5": "features_11"}
@@ -143,11 +142,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                             f"could run code): re-save it as model.state_dict()") from None
         raise UserError(f"cannot read weights file {path} ({type(error).__name__}): the file is truncated or not a "
                         f"PyTorch checkpoint; fetch or save it again") from None
-    if isinstance(state, dict):
-        state = next((state[key] for key in STATE_DICT_KEYS if isinstance(state.get(key), dict)), state)
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"weights file {path} holds no state dict (a mapping of parameter names to tensors): "
-                        f"pass a checkpoint saved from model.state_dict()")
+    state = state_dict_in(state, path)
     return {".".join(part for part in key.split(".") if part != "module"): value for key, value in state.items()}
 
 
