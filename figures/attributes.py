@@ -57,14 +57,16 @@ def _title(r: float, rho: float) -> str:
 
 def scatter_grid(frame: pd.DataFrame, attributes: list[str], targets: list[str], table: dict,
                  interactive: bool = True) -> alt.VConcatChart:
-    """Fig. 5: a row per drop, a panel per attribute; one brush and one click selection shared by all panels."""
+    """Fig. 5 transposed: a row per attribute, a panel per drop (the paper's 2 x 4 grid is 7 panels wide here and
+    would be cut off on a laptop screen; two columns fit any page); one brush and one click selection shared by all
+    panels."""
     brush = alt.selection_interval(name="brush")
     colour = alt.condition(brush, alt.value("#1f77b4"), alt.value("#d0d0d0")) if interactive else alt.value("#1f77b4")
     pick = alt.selection_point(name="pick", fields=["unit"], on="click")
     rows = []
-    for target in targets:
+    for attribute in attributes:
         panels = []
-        for attribute in attributes:
+        for target in targets:
             r, rho = _lookup(table, attribute, target, "pearson_r"), _lookup(table, attribute, target, "spearman_r")
             panels.append(alt.Chart(frame).mark_circle(size=28, opacity=0.8).encode(
                 x=alt.X(f"{attribute}:Q", title=attribute, scale=alt.Scale(zero=False)),

@@ -126,7 +126,8 @@ def render() -> None:
     if selection.get("pick"):
         unit = int(selection["pick"][0]["unit"])
         st.switch_page("views/unit.py", query_params={"store": store.name, "layer": layer, "unit": str(unit)})
-    st.caption("Top row: overall accuracy drop; bottom row: max class accuracy drop, in points. Drag to select "
+    st.caption("Left column: overall accuracy drop; right column: max class accuracy drop, in points; a row per "
+               "attribute (the paper's Fig. 5 has them in two rows). Drag to select "
                "units in a range, click a point to open that unit.")
     st.caption(SIGN_NOTE)
     note = l1_note(store, layer)
