@@ -306,6 +306,9 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                        help="greedy ablation: layers (default: the deepest chosen layer)")
     group.add_argument("--random-orders", type=int, default=10, help="greedy ablation: random-order seeds")
     group.add_argument("--rotations", type=int, default=1, help="random rotations (seeds) per layer (0 = skip)")
+    group.add_argument("--keep-flip-thumbs", action="store_true",
+                       help="keep 64 px thumbnails of every image an ablation flips in the store "
+                            "(layers/<L>/{ablation,greedy}/flips/thumbs), so the app shows them without the images")
     group.add_argument("--rotation-layers", nargs="*", default=None,
                        help="random rotations: layers (default: the deepest chosen layer)")
 

@@ -21,6 +21,10 @@ known orders (random baseline, held-out score, overall accuracy) is one engine c
 prefixes: the engine's low-rank update handles many units at once in one large product, and rows whose ablated
 units are all zero on the image are skipped.
 
+Which images each step changes: the overall pass predicts every image at every step of every class's order
+(``ablation_paths``), so the images whose prediction changed between step s - 1 and s come with it; they are kept as a
+flip table ``layers/<L>/greedy/flips`` (``compute.flips``).
+
 The functions below are plain (engine, activations, labels) in, numbers out: the pipeline stage ``greedy/<layer>``
 and the app's live greedy (compute/live_session.py) both use them. Under torchrun the stage shares the classes out
 between the ranks: each class's curves depend on that class alone, and the overall counts of a class's order are
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from compute import flips as flip_tables
 from compute.engine import AblationEngine, Outcome
 from compute.errors import StageSkipped, UserError
 from store.writer import write_array
@@ -229,24 +234,39 @@ def class_curves(engine, acts, labels, class_index: int, steps: int, seeds: int,
 
 
 def _large_batches(ctx, layer: str, desc: str):
-    """The layer's activations of all images in batches of up to ctx.max_memory / 8 bytes (fewer engine calls)."""
-    acts, labels, size = [], [], 0
-    for batch, batch_labels, _ in ctx.activations([layer], desc=desc):
+    """The layer's activations of all images in batches of up to ctx.max_memory / 8 bytes (fewer engine calls), with
+    their labels and image indices."""
+    acts, labels, indices, size = [], [], [], 0
+    for batch, batch_labels, batch_indices in ctx.activations([layer], desc=desc):
         acts.append(batch[layer])
         labels.append(batch_labels)
+        indices.append(torch.as_tensor(batch_indices))
         size += batch[layer].numel() * batch[layer].element_size()
         if size >= ctx.max_memory // 8:
-            yield torch.cat(acts), torch.cat(labels)
-            acts, labels, size = [], [], 0
+            yield torch.cat(acts), torch.cat(labels), torch.cat(indices)
+            acts, labels, indices, size = [], [], [], 0
     if acts:
-        yield torch.cat(acts), torch.cat(labels)
+        yield torch.cat(acts), torch.cat(labels), torch.cat(indices)
 
 
-def overall_counts(ctx, layer: str, engine, orders: np.ndarray) -> np.ndarray:
-    """Correct counts per class along each class's greedy order, over all images: [K', S+1, K]."""
+def step_flips(paths: torch.Tensor, images) -> dict:
+    """Rows of the greedy flip table from predictions [R, S+1, B] along R orders: (class_row r, step s in 1..S,
+    image, before, after) wherever the prediction at step s differs from that at s - 1 (``images`` [B] names them)."""
+    r, s, b = (paths[:, 1:] != paths[:, :-1]).nonzero(as_tuple=True)
+    rows = {"class_row": r, "step": s + 1, "image": torch.as_tensor(images).to(b.device)[b], "before": paths[r, s, b],
+            "after": paths[r, s + 1, b]}
+    return {name: value.cpu().numpy().astype(np.int32) for name, value in rows.items()}
+
+
+def overall_counts(ctx, layer: str, engine, orders: np.ndarray, flips: list | None = None) -> np.ndarray:
+    """Correct counts per class along each class's greedy order, over all images: [K', S+1, K]. With a list
+    ``flips``, each batch's rows of the step flip table (``step_flips``, rows local to ``orders``) are added to it."""
     counts = np.zeros((len(orders), orders.shape[1] + 1, ctx.num_classes))
-    for acts, labels in _large_batches(ctx, layer, f"greedy {layer}: overall accuracy"):
-        counts += correct_counts(ablation_paths(engine, acts, labels, orders), labels, ctx.num_classes)
+    for acts, labels, indices in _large_batches(ctx, layer, f"greedy {layer}: overall accuracy"):
+        paths = ablation_paths(engine, acts, labels, orders)
+        counts += correct_counts(paths, labels, ctx.num_classes)
+        if flips is not None:
+            flips.append(step_flips(paths, indices))
     return counts
 
 
@@ -257,8 +277,9 @@ def _shapes(steps: int, seeds: int) -> dict:
             "heldout_select_acc": curve, "heldout_acc": curve, "random_class_acc": ((seeds, steps + 1), np.float64)}
 
 
-def class_share(ctx, layer: str, classes: np.ndarray, steps: int, seeds: int) -> dict:
-    """Curves of some classes, and their greedy orders' correct counts over all images (one rank's share)."""
+def class_share(ctx, layer: str, classes: np.ndarray, steps: int, seeds: int, flips: bool = False) -> dict:
+    """Curves of some classes, and their greedy orders' correct counts over all images (one rank's share); with
+    ``flips``, also the step flip table of these classes (``flip_<field>``, class rows local to ``classes``)."""
     from tqdm import tqdm
 
     engine = ctx.engine(layer)
@@ -268,17 +289,31 @@ def class_share(ctx, layer: str, classes: np.ndarray, steps: int, seeds: int) ->
         per_class.append(class_curves(engine, acts, labels, int(class_index), steps, seeds, ctx.num_classes))
     share = {name: np.array([c[name] for c in per_class], dtype).reshape(len(per_class), *shape)
              for name, (shape, dtype) in _shapes(steps, seeds).items()}
-    share["counts"] = (overall_counts(ctx, layer, engine, share["order"]) if len(per_class)
+    rows = []
+    share["counts"] = (overall_counts(ctx, layer, engine, share["order"], rows) if len(per_class)
                        else np.zeros((0, steps + 1, ctx.num_classes)))
+    if flips:
+        table = flip_tables.concatenate(rows, flip_tables.GREEDY_FIELDS)
+        share.update({f"flip_{name}": table[name] for name in flip_tables.GREEDY_FIELDS})
     return share
+
+
+def _combine(ctx, shares: list, steps: int, seeds: int, classes: int) -> dict:
+    """The class shares in class order; the flip tables (ragged) merged by their class rows."""
+    stacked = ctx.in_item_order(shares, [*_shapes(steps, seeds), "counts"])
+    stacked["flips"] = flip_tables.greedy_table(
+        [(indices, {name: arrays[f"flip_{name}"] for name in flip_tables.GREEDY_FIELDS}) for indices, arrays in shares],
+        classes, steps)
+    return stacked
 
 
 def run_stage(ctx, layer: str) -> None:
     """Greedy curves of every chosen class (classes sharded over ranks under torchrun); rank 0 writes."""
     steps, seeds, classes = _settings(ctx, layer)
     stage = f"greedy/{layer}"
-    stacked = ctx.run_sharded(stage, len(classes), lambda rows: class_share(ctx, layer, classes[rows], steps, seeds),
-                              lambda shares: ctx.in_item_order(shares, [*_shapes(steps, seeds), "counts"]))
+    stacked = ctx.run_sharded(stage, len(classes),
+                              lambda rows: class_share(ctx, layer, classes[rows], steps, seeds, flips=True),
+                              lambda shares: _combine(ctx, shares, steps, seeds, len(classes)))
     if stacked is None:
         return
     counts = stacked["counts"]
@@ -301,4 +336,8 @@ def run_stage(ctx, layer: str) -> None:
         attrs["tie_break"] = TIE_BREAK
         attrs["split"] = SPLIT
         attrs["rows"] = "rows follow 'classes'; step 0 is the unablated baseline"
+        flip_tables.write_table(h5, f"{group}/flips", stacked["flips"], flip_tables.GREEDY_FIELDS,
+                                flip_tables.GREEDY_NOTE)
+        if flip_tables.keep_thumbs(ctx):
+            flip_tables.write_thumbs(h5, f"{group}/flips", ctx.images.images, stacked["flips"]["image"])
     ctx.drop_shards(stage)

@@ -117,15 +117,36 @@ class LiveSession:
         with self._threads():
             return greedy.advance(self.engine, state)
 
+    def path_predictions(self, order) -> torch.Tensor:
+        """Every image's predicted class [S+1, N] as ``order``'s units go one by one (row 0: nothing ablated, row s:
+        the first s units): the images a step breaks are those whose row s differs from row s - 1."""
+        with self._threads():
+            return torch.cat([greedy.ablation_paths(self.engine, acts, self.labels[part], [list(order)])[0].cpu()
+                              for part, acts in self.acts.blocks()], -1)
+
+    def predictions(self, units) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image's predicted class [N] before and after ablating the set ``units`` together."""
+        mask = torch.zeros(1, self.units, dtype=torch.bool)
+        mask[0, torch.as_tensor(list(units), dtype=torch.long)] = True
+        before, after = [], []
+        with self._threads():
+            for part, acts in self.acts.blocks():
+                base = self.engine.baseline(acts, self.labels[part])
+                before.append(base.pred.cpu())
+                after.append(self.engine.evaluate_units(acts, self.labels[part], mask, base).pred[0].cpu())
+        return torch.cat(before), torch.cat(after)
+
+    def path_outcome(self, order) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """Class accuracy [S+1, K], overall accuracy [S+1] and the predictions [S+1, N] (``path_predictions``) of all
+        images as ``order``'s units go one by one."""
+        paths = self.path_predictions(order)
+        counts = greedy.correct_counts(paths, self.labels, self.num_classes)  # integer counts, exact
+        per_class = np.maximum(np.bincount(self.labels.numpy(), minlength=self.num_classes), 1)
+        return counts / per_class, counts.sum(1) / len(self.labels), paths
+
     def path_accuracy(self, order) -> tuple[np.ndarray, np.ndarray]:
         """Class accuracy [S+1, K] and overall accuracy [S+1] of all images as ``order``'s units go one by one."""
-        counts = 0
-        with self._threads():
-            for part, acts in self.acts.blocks():  # integer counts: summing blocks changes nothing
-                paths = greedy.ablation_paths(self.engine, acts, self.labels[part], [list(order)])[0]
-                counts = counts + greedy.correct_counts(paths, self.labels[part], self.num_classes)
-        per_class = np.maximum(np.bincount(self.labels.numpy(), minlength=self.num_classes), 1)
-        return counts / per_class, counts.sum(1) / len(self.labels)
+        return self.path_outcome(order)[:2]
 
 
 def live_layers(reader: StoreReader) -> list[str]:

@@ -2,7 +2,9 @@
 
 Drops are accuracy fractions, baseline minus ablated: 0.15 means 15 points. The class drop is a vector over classes;
 with the same number of images per class the overall drop is its mean. Each drop is kept with the paired counts it
-rests on (images lost and gained, ``compute.significance``) and its McNemar p-value and layer-wide q-value.
+rests on (images lost and gained, ``compute.significance``) and its McNemar p-value and layer-wide q-value, and the
+images themselves: every (unit, image) whose prediction changed, with the prediction before and after
+(``compute.flips``, ``layers/<L>/ablation/flips``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compute import significance
+from compute import flips, significance
 from compute.engine import single_unit_masks
 from store.writer import write_array
 
@@ -23,7 +25,9 @@ def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) ->
 
 @torch.no_grad()
 def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
-    """Per class, the baseline's correct count and, for each unit ablated alone, the images lost and gained."""
+    """Per class, the baseline's correct count and, for each unit ablated alone, the images lost and gained; and the
+    flip table of these units (``flip_unit``, ``flip_image``, ``flip_before``, ``flip_after``: global unit numbers,
+    sorted by unit, then image)."""
     engine = ctx.engine(layer)
     total = ctx.units(layer)
     units = np.arange(total) if units is None else np.asarray(units)
@@ -32,7 +36,9 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
     base_correct = np.zeros(k)
     lost = np.zeros((len(units), k))
     gained = np.zeros((len(units), k))
-    for acts, labels, _ in ctx.activations([layer], desc=f"ablating {layer} ({len(units)} units)"):
+    unit_numbers = torch.as_tensor(units, dtype=torch.long)
+    rows = []
+    for acts, labels, indices in ctx.activations([layer], desc=f"ablating {layer} ({len(units)} units)"):
         base = engine.baseline(acts[layer], labels)
         outcome = engine.evaluate_units(acts[layer], labels, masks, base)
         onehot = torch.nn.functional.one_hot(labels, k).double()
@@ -40,8 +46,20 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
         batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
         lost += batch_lost.cpu().numpy()
         gained += batch_gained.cpu().numpy()
+        rows.append(changed_rows(base.pred, outcome.pred, unit_numbers, indices))
     counts = np.bincount(ctx.labels, minlength=k).astype(np.float64)
-    return {"base_correct": base_correct, "lost": lost, "gained": gained, "counts": counts}
+    table = flips.unit_table(rows)
+    return {"base_correct": base_correct, "lost": lost, "gained": gained, "counts": counts,
+            **{f"flip_{name}": table[name] for name in flips.UNIT_FIELDS}}
+
+
+def changed_rows(base_pred: torch.Tensor, pred: torch.Tensor, units: torch.Tensor, images: torch.Tensor) -> dict:
+    """One batch's rows of the flip table: (unit, image, before, after) for every ablation s [S] and image b [B] with
+    ``pred[s, b] != base_pred[b]``; ``units`` [S] and ``images`` [B] name them."""
+    s, b = (pred != base_pred[None]).nonzero(as_tuple=True)  # found on the engine's device, only the rows move
+    rows = {"unit": units[s.cpu()], "image": torch.as_tensor(images)[b.cpu()], "before": base_pred[b],
+            "after": pred[s, b]}
+    return {name: value.cpu().numpy().astype(np.int32) for name, value in rows.items()}
 
 
 def drops(result: dict) -> dict:
@@ -81,8 +99,13 @@ def _combine(shares: list) -> dict:
     from compute.context import RunContext
 
     first = shares[0][1]
-    return {"units": np.sort(np.concatenate([indices for indices, _ in shares])), "base_correct": first["base_correct"],
-            "counts": first["counts"], **RunContext.in_item_order(shares, ["lost", "gained"])}
+    units = np.sort(np.concatenate([indices for indices, _ in shares]))
+    # The flip table is ragged (rows per unit vary): its shares' rows carry global unit numbers, so they are merged
+    # by unit, not by item position.
+    table = flips.combine_unit_tables([{name: arrays[f"flip_{name}"] for name in flips.UNIT_FIELDS}
+                                       for _, arrays in shares], len(units))
+    return {"units": units, "base_correct": first["base_correct"], "counts": first["counts"],
+            **RunContext.in_item_order(shares, ["lost", "gained"]), "flips": table}
 
 
 def run_stage(ctx, layer: str) -> None:
@@ -98,4 +121,8 @@ def run_stage(ctx, layer: str) -> None:
         write_drops(h5, group, result)
         h5[group].attrs["baseline_overall_acc"] = result["baseline_overall_acc"]
         h5[group].attrs["method"] = ctx.spec.ablation_note
+        flips.write_table(h5, f"{group}/flips", swept["flips"], flips.UNIT_FIELDS, flips.UNIT_NOTE)
+        flips.write_crop(h5, f"{group}/flips", ctx.spec.preprocess)
+        if flips.keep_thumbs(ctx):
+            flips.write_thumbs(h5, f"{group}/flips", ctx.images.images, swept["flips"]["image"])
     ctx.drop_shards(stage)

@@ -1,6 +1,6 @@
-"""Greedy ablation (the paper's Fig. 4): replay each class's stored greedy order step by step, compare the greedy
-curves with the random-order baseline and the held-out score, and run greedy (or a hand-picked set) live from the
-store's activations and tail weights.
+"""Greedy ablation (the paper's Fig. 4): replay each class's stored greedy order step by step (with the images each
+step breaks and fixes), compare the greedy curves with the random-order baseline and the held-out score, and run
+greedy (or a hand-picked set) live from the store's activations and tail weights, with the images the set changes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import streamlit as st
 
 from app import loaders
 from app.common import chart_downloads, choose_layer, current_store, guarded, linked_select, side_by_side, table
+from app.flip_sections import has_flips, recompute_command, show_flips, step_flips
+from compute.flips import changed
 from figures.greedy import class_curves, drop_summary, greedy_against_random, selection_bias
 from store import StoreError
 
@@ -106,6 +108,24 @@ def replay(store, layer: str) -> None:
         else:
             st.altair_chart(chart, width="stretch")
             chart_downloads(chart, f"{store.name}-{layer}-greedy-{classes[target]}-step{step}-others")
+    step_images(store, layer, row, step, target, order)
+
+
+def step_images(store, layer: str, row: int, step: int, target: int, order: np.ndarray) -> None:
+    """The images greedy step ``step`` breaks and fixes (their prediction with ``step`` units ablated against
+    ``step - 1``), over every validation image, the greedy class's first."""
+    if step == 0:
+        st.subheader("Images a step changes")
+        st.caption("Step 0 is the unablated network: move the slider to see the images each step breaks and fixes.")
+        return
+    unit = int(order[row, step - 1])
+    st.subheader(f"Images step {step} changes (ablating unit {unit})")
+    if not has_flips(store, layer, "greedy"):
+        st.caption(f"This store does not list the images each greedy step changes (it predates them): recompute it "
+                   f"with `{recompute_command(store)}`.")
+        return
+    show_flips(store, layer, step_flips(store, layer, row, step), [unit], f"greedy-{target}-step{step}",
+               first_class=target, what=f"step {step}")
 
 
 def replay_chart(store, layer: str, row: int, step: int) -> alt.LayerChart:
@@ -210,9 +230,10 @@ def run_job(job: dict, session) -> None:
 def finish(job: dict, session) -> None:
     with st.spinner("Scoring the ablated units on every class"):
         started = time.perf_counter()
-        class_acc, overall = session.path_accuracy(job_order(job))
+        class_acc, overall, predictions = session.path_outcome(job_order(job))
         job["seconds"] += time.perf_counter() - started
-    job["result"] = {"class_acc": class_acc, "overall_acc": overall}
+    job["result"] = {"class_acc": class_acc, "overall_acc": overall,
+                     "predictions": predictions.numpy().astype(np.int32)}  # [steps + 1, images]
     job["running"] = False
 
 
@@ -252,6 +273,25 @@ def show_job(store, job: dict) -> None:
         else:
             st.altair_chart(chart, width="stretch")
             chart_downloads(chart, f"{store.name}-{job['layer']}-live-others")
+    live_images(store, job)
+
+
+def live_images(store, job: dict) -> None:
+    """The images the ablated set changes, computed on the spot: every image's prediction with nothing ablated
+    against that with the first s units of the set ablated (s chosen, all of them by default)."""
+    order, predictions = job_order(job), job["result"].get("predictions")
+    if predictions is None or not order:
+        return
+    st.subheader("Images the ablated units change")
+    count = len(order)
+    if count > 1:
+        if not 1 <= st.session_state.get("live_flip_step", 1) <= count:  # kept from a longer set
+            del st.session_state["live_flip_step"]
+        count = st.slider("With the first units of the set ablated", 1, len(order), len(order), key="live_flip_step")
+    group = job["group"]
+    show_flips(store, job["layer"], changed(predictions[0], predictions[count]), [int(u) for u in order[:count]],
+               f"live-{count}", first_class=group[0] if group else None,
+               what=f"ablating unit{'s' if count > 1 else ''} {', '.join(map(str, order[:count]))}")
 
 
 def save_job(store, job: dict, name: str) -> None:

@@ -171,6 +171,9 @@ def render() -> None:
             with column:
                 st.subheader(shown.name)
                 drops_view(shown, layer, unit, focus or None, level)
+    from app.flip_sections import flips_section
+
+    flips_section(store, layer, unit, focus or None, level)
     rows = attribute_rows(store, layer, unit, classes)
     if rows:
         st.subheader("Attributes")
