@@ -64,13 +64,17 @@ def group_attrs(path: Path, group: str) -> dict:
 
 @st.cache_data(show_spinner=False, ttl=5)
 def available_stores(directory: str) -> list[tuple[str, str]]:
-    """(path, label) for each finished store in the directory; broken files are listed with their problem."""
-    found = []
-    for path in list_stores(directory):
-        try:
-            info = StoreReader(path)
-            label = f"{path.stem}  ·  {info.attrs.get('model', '?')}  ·  {len(info.layers)} layers"
-        except StoreError as error:
-            label = f"{path.stem}  ·  unusable: {error}"
-        found.append((str(path), label))
-    return found
+    """(path, label) for each finished store in the directory; broken files are listed with their problem, and the
+    listing goes on: one damaged file must never hide the others or take every page down with it."""
+    return [(str(path), _label(path)) for path in list_stores(directory)]
+
+
+def _label(path: Path) -> str:
+    try:
+        info = StoreReader(path)
+        return f"{path.stem}  ·  {info.attrs.get('model', '?')}  ·  {len(info.layers)} layers"
+    except StoreError as error:
+        return f"{path.stem}  ·  unusable: {error}"
+    except Exception as error:  # noqa: BLE001 - the reader turns damage into StoreError; this is the last guard
+        detail = str(error).strip().splitlines()[0][:100] if str(error).strip() else "no detail"
+        return f"{path.stem}  ·  unusable: damaged ({type(error).__name__}: {detail}): recompute it"

@@ -44,8 +44,13 @@ def pick(label: str, paths: list[str], labels: dict, param: str, key: str, optio
 
 def store_picker() -> None:
     directory = loaders.store_directory()
-    stores = loaders.available_stores(str(directory))
     st.sidebar.caption(f"Stores in `{directory}`")
+    try:
+        stores = loaders.available_stores(str(directory))
+    except Exception as error:  # noqa: BLE001 - shown, never raised: every page runs below the picker
+        st.session_state.pop("store_path", None)
+        st.sidebar.error(f"The store directory cannot be listed: {str(error).strip().splitlines()[0][:200]}")
+        return
     if not stores:
         st.session_state.pop("store_path", None)
         st.sidebar.info("No stores yet.")

@@ -16,7 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.schema import PARTIAL_SUFFIX, SCHEMA_VERSION, SECTION_COMMANDS, SUFFIX, StoreError, layer_path
+from store.schema import (LAYER_ATTRS, PARTIAL_SUFFIX, ROOT_ATTRS, SCHEMA_VERSION, SECTION_COMMANDS, SUFFIX,
+                          StoreError, attribute_problems, dtype_problems, layer_path, layers_of, shape_problems)
 
 
 def _open(path: Path) -> h5py.File:
@@ -33,6 +34,8 @@ def _open(path: Path) -> h5py.File:
 
 # What h5py raises on damaged metadata (a flipped byte in a B-tree, a heap, an object header), besides OSError.
 _DAMAGE = (OSError, RuntimeError, KeyError, ValueError)
+# What malformed content (a value of an unexpected type or shape) raises in our own code, besides _DAMAGE.
+_MALFORMED = (TypeError, AttributeError, IndexError)
 _TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
 
 
@@ -68,33 +71,77 @@ def _decode(value):
 
 
 class StoreReader:
-    """A finished store. Construction reads the provenance and the table of contents; arrays are read on demand."""
+    """A finished store. Construction reads the provenance and the table of contents, and refuses (StoreError, one
+    line) a store whose metadata does not fit the schema: attribute types, required paths, shapes, kinds of values.
+    Pages then never meet a scalar where an array belongs; arrays are read on demand."""
 
     def __init__(self, path):
         self.path = Path(path)
         with _reading(self.path) as handle:
-            self.attrs = {key: _decode(value) for key, value in handle.attrs.items()}
-            version = self.attrs.get("schema_version")
-            if version is None or "completed" not in self.attrs:
-                raise StoreError(f"{self.path.name} is not a finished store of this tool: recompute it")
-            if int(version) != SCHEMA_VERSION:
-                raise StoreError(f"{self.path.name} has schema version {version}, this tool reads version "
-                                 f"{SCHEMA_VERSION}: recompute it with `python -m compute.all`")
-            self.contents: set[str] = set()
-            self.datasets: set[str] = set()  # the contents that hold arrays; the rest are groups
-            handle.visititems(self._index)
-            self.stages = dict(handle["stages"].attrs) if "stages" in handle else {}
-            self.classes = list(_decode(handle["classes"][()])) if "classes" in handle else []
-            self.layers = list(handle["layers"]) if "layers" in handle else []
-            order = self.attrs.get("layer_order")
-            if order:
-                ranked = json.loads(order)
-                self.layers.sort(key=lambda name: ranked.index(name) if name in ranked else len(ranked))
+            try:
+                self._load(handle)
+            except _MALFORMED as error:  # whatever the checks below did not foresee: still one line
+                raise StoreError(f"{self.path.name} is malformed ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0][:100] if str(error) else 'no detail'}): recompute it "
+                                 f"(`python -m store.check {self.path.name}` reports every problem)") from None
+
+    def _load(self, handle: h5py.File) -> None:
+        self.attrs = {key: _decode(value) for key, value in handle.attrs.items()}
+        self._check_provenance()
+        self.contents: set[str] = set()
+        self.datasets: set[str] = set()  # the contents that hold arrays; the rest are groups
+        self._metadata: dict[str, tuple] = {}  # dataset path -> (shape, dtype), from the object headers
+        handle.visititems(self._index)
+        self._check_layout(handle)
+        self.stages = dict(handle["stages"].attrs) if "stages" in handle else {}
+        self.classes = [str(name) for name in _decode(handle["classes"][()])]
+        self.layers = self._ordered(list(handle["layers"]) if "layers" in handle else [])
+
+    def _refuse(self, problems: list[str], what: str = "the store is inconsistent") -> None:
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StoreError(f"{self.path.name}: {problems[0]}{more}: {what}; recompute it "
+                             f"(`python -m store.check {self.path.name}` reports every problem)")
+
+    def _check_provenance(self) -> None:
+        """Attribute types first: a version or count written as text must be one line, not a ValueError."""
+        self._refuse(attribute_problems(self.attrs, ROOT_ATTRS), "the store is malformed")
+        version = self.attrs.get("schema_version")
+        if version is None or "completed" not in self.attrs:
+            raise StoreError(f"{self.path.name} is not a finished store of this tool: recompute it")
+        if int(version) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path.name} has schema version {version}, this tool reads version "
+                             f"{SCHEMA_VERSION}: recompute it with `python -m compute.all`")
+
+    def _check_layout(self, handle: h5py.File) -> None:
+        """What every page relies on, from metadata alone (no array is read): `classes` is there, groups are groups,
+        shapes agree with the schema (the check store.check makes) and values are of the kind the writer writes."""
+        for group in ("layers", "stages"):
+            if group in handle and not isinstance(handle[group], h5py.Group):
+                self._refuse([f"'{group}' is a dataset, not a group"], "the store is malformed")
+        if "classes" not in self.datasets:
+            raise StoreError(f"{self.path.name} has no 'classes' (the class names): the store is incomplete or "
+                             f"damaged; recompute it")
+        layers = {layer: {key: _decode(value) for key, value in handle[layer_path(layer)].attrs.items()}
+                  for layer in layers_of(self.datasets)}
+        wrong = [problem for layer, attrs in layers.items()
+                 for problem in attribute_problems(attrs, LAYER_ATTRS, f"layers/{layer}")]
+        self._refuse(wrong, "the store is malformed")
+        units = {layer: attrs.get("units") for layer, attrs in layers.items()}
+        shapes = {path: shape for path, (shape, _) in self._metadata.items()}
+        self._refuse(shape_problems(shapes, units, self.attrs)[0])
+        self._refuse(dtype_problems(self._metadata, exact=False))
+
+    def _ordered(self, layers: list[str]) -> list[str]:
+        """The layers in the run's order (`layer_order`, a JSON list checked at opening), unknown ones last."""
+        ranked = json.loads(self.attrs["layer_order"]) if self.attrs.get("layer_order") else []
+        return sorted(layers, key=lambda name: ranked.index(name) if name in ranked else len(ranked))
 
     def _index(self, name: str, item) -> None:
         self.contents.add(name)
         if isinstance(item, h5py.Dataset):
             self.datasets.add(name)
+            self._metadata[name] = (item.shape, item.dtype)
 
     @property
     def name(self) -> str:
@@ -147,7 +194,8 @@ class StoreReader:
 
 def list_stores(directory) -> list[Path]:
     """Finished stores in a directory, newest first. Temporary and hidden files (runs in progress) are skipped, and so
-    are links that lead out of the directory: a reader of this listing never opens a file outside it."""
+    are links that lead out of the directory (a reader of this listing never opens a file outside it) and anything
+    that is not a regular file."""
     directory = Path(directory).resolve()
     if not directory.is_dir():
         return []
@@ -155,7 +203,7 @@ def list_stores(directory) -> list[Path]:
     for path in directory.glob("*" + SUFFIX):
         if path.name.startswith(".") or path.name.endswith(PARTIAL_SUFFIX):
             continue
-        if path.resolve().parent != directory:
+        if path.resolve().parent != directory or not path.is_file():  # a directory named x.h5 is no store
             continue
         try:  # a store deleted between the listing and the stat is simply not listed
             found[path] = path.stat().st_mtime

@@ -20,12 +20,28 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.schema import SCHEMA_VERSION, SUFFIX, StoreError
+from store.schema import GZIP_LEVEL, SCHEMA_VERSION, SUFFIX, StoreError
+
+
+# HDF5's 1.10 file format: its superblock, object headers (which hold every dataset's shape, type, filters and
+# attributes), chunk indexes and B-trees carry checksums, so a flipped byte in them fails the read instead of handing
+# out wrong numbers. The default ("earliest") format has none. Pinned at v110 on both ends so that a newer HDF5 never
+# writes objects that HDF5 1.10 cannot read.
+LIBVER = ("v110", "v110")
+
+
+def open_for_writing(path, mode: str = "w") -> h5py.File:
+    """Every h5py file a store is written through ("w" new, "a"/"r+" amend): in the checksummed format above."""
+    return h5py.File(path, mode, libver=LIBVER)
 
 
 # Writers take turns through flock; a file system without locks (an NFS mount with `nolock`) cannot host a writer.
 _NO_LOCKS = ("cannot lock files in {where} ({why}): write the store on a local disk (--store DIR) and copy it into "
              "the shared directory, or mount it with locking")
+
+
+# The filters of every numeric array (store.check compares each dataset's with schema.expected_filters).
+FILTERS = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True, "fletcher32": True}
 
 
 def write_array(group: h5py.Group, path: str, data, **attrs) -> h5py.Dataset:
@@ -42,10 +58,10 @@ def write_array(group: h5py.Group, path: str, data, **attrs) -> h5py.Dataset:
     elif array.ndim == 0 or array.size == 0:  # scalars and empty arrays cannot be chunked, so cannot carry checksums
         dataset = group.create_dataset(path, data=array)
     else:
-        dataset = group.create_dataset(path, data=array, chunks=True, compression="gzip", compression_opts=4,
-                                       shuffle=True, fletcher32=True)
+        dataset = group.create_dataset(path, data=array, chunks=True, **FILTERS)
     for key, value in attrs.items():
         dataset.attrs[key] = value
+    dataset.flush()  # a full disk fails here, not later in the close when the caller drops the dataset (see _discard)
     return dataset
 
 
@@ -53,8 +69,7 @@ def create_array(group: h5py.Group, path: str, shape, dtype, chunks=None) -> h5p
     """An empty filtered dataset to fill in slices (streamed results too large to hold at once)."""
     if path in group:
         del group[path]
-    return group.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks or True, compression="gzip",
-                                compression_opts=4, shuffle=True, fletcher32=True)
+    return group.create_dataset(path, shape=shape, dtype=dtype, chunks=chunks or True, **FILTERS)
 
 
 def _attr_value(value):
@@ -66,6 +81,42 @@ def _attr_value(value):
     if isinstance(value, str):
         return str(value)  # str subclasses (torch's version string) would become numpy unicode arrays
     return json.dumps(value, default=str)
+
+
+def _create(temporary: Path) -> h5py.File:
+    """A new file to write; none is left behind when even its creation fails (a full disk)."""
+    try:
+        return open_for_writing(temporary, "w")
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _discard(handle: h5py.File, temporary: Path) -> None:
+    """Close and remove a file that will not be finished, without writing to its disk again.
+
+    Closing flushes HDF5's caches (dirty chunks and metadata). On the full disk that stopped the write that flush
+    fails again, and after a failed flush HDF5 crashes the process (a segfault on the next close or at exit). So the
+    file's descriptor is first pointed at an empty file in memory, which takes the flush and is then dropped.
+    """
+    if handle.id.valid:
+        descriptor = handle.id.get_vfd_handle()
+        try:
+            spare = os.memfd_create("discarded-store-part")
+            try:
+                os.dup2(spare, descriptor)
+            finally:
+                os.close(spare)
+        except (AttributeError, OSError):  # no memfd (not Linux): free the file's space for the flush instead
+            try:
+                os.ftruncate(descriptor, 0)
+            except OSError:
+                pass
+        try:
+            handle.close()
+        except (OSError, RuntimeError):
+            pass  # the error that stopped the write is the one to report
+    temporary.unlink(missing_ok=True)
 
 
 def _merge(source: h5py.Group, target: h5py.Group) -> None:
@@ -143,16 +194,16 @@ class StoreWriter:
         """Yield an h5py file for this stage; it counts only if the block finishes without an exception."""
         final = self._part(stage)
         temporary = final.with_name(final.name + ".tmp")
-        handle = h5py.File(temporary, "w")
+        handle = _create(temporary)
         try:
             yield handle
             handle.attrs["stage"] = stage
             handle.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            handle.flush()  # a full disk fails here, while the file can still be discarded safely
             handle.close()
             os.replace(temporary, final)
         except BaseException:
-            handle.close()
-            temporary.unlink(missing_ok=True)
+            _discard(handle, temporary)
             raise
 
     def read_part(self, stage: str, path: str):
@@ -174,32 +225,34 @@ class StoreWriter:
     def commit(self) -> Path:
         """Assemble every part into ``<run>.h5`` under a temporary name, then rename it into place."""
         temporary = self.path.with_name("." + self.path.name + ".assembling")
+        target = _create(temporary)
         try:
-            self._assemble(temporary)
+            self._assemble(target)
+            target.flush()
+            target.close()
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            _discard(target, temporary)
             raise
         os.replace(temporary, self.path)
         self.close()
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.path
 
-    def _assemble(self, temporary: Path) -> None:
-        with h5py.File(temporary, "w") as target:
-            for part in sorted(self.parts.glob("*.h5")):
-                with h5py.File(part, "r") as source:
-                    stage = source.attrs.get("stage", part.stem)
-                    finished = source.attrs.get("finished", "")
-                    _merge(source, target)
-                target.require_group("stages").attrs[str(stage)] = str(finished)
-            for attr in ("stage", "finished"):
-                if attr in target.attrs:
-                    del target.attrs[attr]
-            for key, value in self.provenance.items():
-                target.attrs[key] = _attr_value(value)
-            target.attrs["run_key"] = self.run_key
-            target.attrs["schema_version"] = SCHEMA_VERSION
-            target.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    def _assemble(self, target: h5py.File) -> None:
+        for part in sorted(self.parts.glob("*.h5")):
+            with h5py.File(part, "r") as source:
+                stage = source.attrs.get("stage", part.stem)
+                finished = source.attrs.get("finished", "")
+                _merge(source, target)
+            target.require_group("stages").attrs[str(stage)] = str(finished)
+        for attr in ("stage", "finished"):
+            if attr in target.attrs:
+                del target.attrs[attr]
+        for key, value in self.provenance.items():
+            target.attrs[key] = _attr_value(value)
+        target.attrs["run_key"] = self.run_key
+        target.attrs["schema_version"] = SCHEMA_VERSION
+        target.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     def close(self) -> None:
         if not self._lock.closed:
@@ -223,7 +276,7 @@ def amend(path: Path):
         temporary = path.with_name("." + path.name + f".amend-{os.getpid()}")
         shutil.copy2(path, temporary)
         try:
-            with h5py.File(temporary, "a") as handle:
+            with open_for_writing(temporary, "a") as handle:
                 yield handle
             os.replace(temporary, path)
         finally:
