@@ -73,9 +73,20 @@ def store_picker() -> None:
                 st.caption(f"**{key}**: {info.attrs[key]}")
 
 
+def opens_overview(link: dict):
+    """The root URL's page: Overview with the link's parameters as they came (before the pickers rewrote them, so a
+    link naming an unknown store still says so). A hidden page of its own, because the default page is served at "/"
+    only, and a cold link to its own path (/overview?layer=conv4) would say "Page not found"."""
+    def home() -> None:
+        st.switch_page(PAGES[0][0], query_params=link)
+    return home
+
+
 def main() -> None:
     st.set_page_config(page_title="Unit ablation", page_icon=":material/science:", layout="wide")
-    pages = [st.Page(path, title=title, url_path=url, icon=icon) for path, title, url, icon in PAGES]
+    link = st.query_params.to_dict()
+    pages = [st.Page(opens_overview(link), title="Home", url_path="home", default=True, visibility="hidden")]
+    pages += [st.Page(path, title=title, url_path=url, icon=icon) for path, title, url, icon in PAGES]
     navigation = st.navigation(pages)
     store_picker()
     navigation.run()
