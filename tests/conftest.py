@@ -6,7 +6,10 @@ Tiny SynthScenes (8 training and 6 validation images per class), a demo CNN trai
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any test imports torch: see compute/__init__.py
@@ -32,6 +35,36 @@ def tiny_run(tmp_path_factory) -> dict:
     store = data_dir / "stores" / "demo.h5"
     assert store.exists()
     return {"data_dir": data_dir, "dataset": root, "store": store, "args": args}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCEPT_IMAGES = 24  # a concept set small enough for runs of seconds
+
+
+def small_run_options(tiny_run, data_dir: Path) -> list[str]:
+    """Copy the tiny run's data set and weights into ``data_dir`` with a CONCEPT_IMAGES-image concept set, and
+    return compute.all options for a one-layer run of seconds (the runs fault and hardening tests kill or starve)."""
+    for part in ("datasets", "weights"):
+        shutil.copytree(Path(tiny_run["data_dir"]) / part, data_dir / part)
+    root = data_dir / "datasets" / Path(tiny_run["dataset"]).name
+    concepts = data_dir / "concepts"
+    concepts.mkdir()
+    for table in root.glob("*.csv"):
+        shutil.copy(table, concepts / table.name)
+    rows = (root / "index.csv").read_text().splitlines()[: CONCEPT_IMAGES + 1]
+    (concepts / "index.csv").write_text("\n".join(rows) + "\n")
+    (concepts / "images").symlink_to(root / "images")
+    return ["--model", "demo", "--data", str(root), *TINY_ARGS, "--layers", "conv5", "--greedy-steps", "0",
+            "--rotations", "0", "--per-class", "2", "--concepts", str(concepts)]
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), imported by file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture()

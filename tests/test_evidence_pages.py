@@ -3,7 +3,6 @@
 import shutil
 
 import h5py
-import numpy as np
 import pytest
 
 from tests.views import open_view

@@ -6,7 +6,6 @@ The writer runs are real ``python -m compute.all`` processes on the tiny SynthSc
 
 import errno
 import fcntl
-import importlib.util
 import json
 import os
 import shutil
@@ -20,37 +19,13 @@ import pytest
 from store import StoreError, StoreWriter
 from store.check import check_store
 from store.writer import amend
-from tests.conftest import TINY_ARGS
-
-ROOT = Path(__file__).resolve().parent.parent
-CONCEPT_IMAGES = 24
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
+from tests.conftest import ROOT, load_script, small_run_options
 
 @pytest.fixture(scope="module")
 def fault_run(tiny_run, tmp_path_factory) -> dict:
     """A copy of the tiny run's data (data set and weights), a smaller concept set, and compute.all options."""
     data_dir = tmp_path_factory.mktemp("fault-data")
-    for part in ("datasets", "weights"):
-        shutil.copytree(Path(tiny_run["data_dir"]) / part, data_dir / part)
-    root = data_dir / "datasets" / Path(tiny_run["dataset"]).name
-    concepts = data_dir / "concepts"
-    concepts.mkdir()
-    for table in root.glob("*.csv"):
-        shutil.copy(table, concepts / table.name)
-    rows = (root / "index.csv").read_text().splitlines()[: CONCEPT_IMAGES + 1]
-    (concepts / "index.csv").write_text("\n".join(rows) + "\n")
-    (concepts / "images").symlink_to(root / "images")
-    options = ["--model", "demo", "--data", str(root), *TINY_ARGS, "--layers", "conv5", "--greedy-steps", "0",
-               "--rotations", "0", "--per-class", "2", "--concepts", str(concepts)]
-    return {"data_dir": data_dir, "options": options}
+    return {"data_dir": data_dir, "options": small_run_options(tiny_run, data_dir)}
 
 
 def test_sigkill_at_random_moments_never_exposes_a_partial_store(fault_run, tmp_path):

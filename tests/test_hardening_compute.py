@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -19,11 +18,9 @@ from compute.all import parse_args
 from compute.errors import UserError, no_space_left, run_cli
 from compute.models.registry import get_spec
 from store import StoreReader, StoreWriter
-from tests.conftest import TINY_ARGS
+from tests.conftest import ROOT, small_run_options
 from tests.views import open_view
 
-ROOT = Path(__file__).resolve().parent.parent
-CONCEPT_IMAGES = 24
 HDF5_FULL = ("Disable slist on flush dest failure failed (file write failed: time = Mon Nov 30 15:49:55 2026\n, "
              "filename = '{}', file descriptor = 4, errno = 28, error message = 'No space left on device', buf = "
              "0x55d813e6e230, total write size = 4096, bytes this sub-write = 4096, offset = 7192)")
@@ -35,18 +32,7 @@ HDF5_FULL = ("Disable slist on flush dest failure failed (file write failed: tim
 def small_run(tiny_run, tmp_path_factory) -> dict:
     """A copy of the tiny run's data set and weights, a 24-image concept set and options for a run of seconds."""
     data_dir = tmp_path_factory.mktemp("hardening-data")
-    for part in ("datasets", "weights"):
-        shutil.copytree(Path(tiny_run["data_dir"]) / part, data_dir / part)
-    root = data_dir / "datasets" / Path(tiny_run["dataset"]).name
-    concepts = data_dir / "concepts"
-    concepts.mkdir()
-    for table in root.glob("*.csv"):
-        shutil.copy(table, concepts / table.name)
-    rows = (root / "index.csv").read_text().splitlines()[: CONCEPT_IMAGES + 1]
-    (concepts / "index.csv").write_text("\n".join(rows) + "\n")
-    (concepts / "images").symlink_to(root / "images")
-    options = ["--model", "demo", "--data", str(root), "--data-dir", str(data_dir), *TINY_ARGS, "--layers", "conv5",
-               "--greedy-steps", "0", "--rotations", "0", "--per-class", "2", "--concepts", str(concepts)]
+    options = [*small_run_options(tiny_run, data_dir), "--data-dir", str(data_dir)]
     return {"data_dir": data_dir, "options": options}
 
 

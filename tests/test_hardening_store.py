@@ -8,9 +8,7 @@ metadata carries checksums, so a flipped metadata byte fails the read instead of
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -20,18 +18,10 @@ import pytest
 from store import StoreError, StoreReader, list_stores
 from store.check import check_store, main
 from store.writer import amend, write_array
+from tests.conftest import ROOT, load_script
 from tests.test_store_check import K, N, U, make_store
 from tests.views import open_view
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def edit(path: Path, change) -> Path:

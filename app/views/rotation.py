@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, grid, guarded, side_by_side, significance_level, split, store_and_layer, table
+from app.common import chart_downloads, guarded, side_by_side, significance_level, split, store_and_layer, table
 from figures.rotation import (EFFECT, TEST_NOTE, TESTED, comparison, curve_chart, curves, format_p,
                               mann_whitney_frame, sorted_band, summary_row)
 
