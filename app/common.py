@@ -35,18 +35,39 @@ def _marker(key: str) -> str:
     return f"_linked_{key}"
 
 
+def _shown_key(key: str) -> str:
+    return f"_linked_shown_{key}"
+
+
+def _changed_by_user(key: str) -> bool:
+    """Whether the browser sent widget ``key`` a value other than the one this session's last run ended with, i.e.
+    the user changed the widget for this very rerun."""
+    if key not in st.session_state or _shown_key(key) not in st.session_state:
+        return False
+    try:
+        return bool(st.session_state[key] != st.session_state[_shown_key(key)])
+    except Exception:  # noqa: BLE001 - values that do not compare to one bool: the link decides, as before
+        return False
+
+
 def from_link(key: str, param: str, parse) -> str | None:
     """Set widget ``key``'s value before it is made: from query parameter ``param`` when the parameter changed since
-    this session last wrote it (a followed link, a page switch that carries parameters), else the value it already
-    has. Re-assigning the value matters: pages share keys ("layer", "unit"), but each page's widget is its own, and
-    only an assigned value carries over to another page's widget of the same key. ``parse`` turns the text into the
-    widget's value, raising KeyError or ValueError when it names nothing valid.
+    this session last wrote it (a followed link, a page switch that carries parameters, Back), else the value it
+    already has. Re-assigning the value matters: pages share keys ("layer", "unit"), but each page's widget is its
+    own, and only an assigned value carries over to another page's widget of the same key. ``parse`` turns the text
+    into the widget's value, raising KeyError or ValueError when it names nothing valid.
+
+    A change the user made to the widget itself wins over the parameter: a rerun carries the URL the browser shows
+    when it asks for it, and when the user acts while a run is still going, that URL can predate what this run
+    already wrote (unit=3 while the run for unit 4 has written unit=4): taken as a link, it would undo the user's
+    new value (issue 16, concurrent sessions).
 
     Returns the link's text when ``parse`` refused it (the widget then keeps its value), else None: the caller says
     so once its widget shows what it shows instead (``link_refused``)."""
     wanted = st.query_params.get(param)
     refused = None
-    if wanted is not None and (wanted != st.session_state.get(_marker(key)) or key not in st.session_state):
+    if wanted is not None and (wanted != st.session_state.get(_marker(key)) or key not in st.session_state) \
+            and not _changed_by_user(key):
         try:
             st.session_state[key] = parse(wanted)
             st.session_state[_marker(key)] = wanted
@@ -70,6 +91,10 @@ def to_link(key: str, param: str, text: str | None) -> None:
     else:
         st.query_params.pop(param, None)
     st.session_state[_marker(key)] = text
+    if key in st.session_state:  # what the widget shows now: a different value in the next rerun is the user's
+        st.session_state[_shown_key(key)] = st.session_state[key]
+    else:
+        st.session_state.pop(_shown_key(key), None)
 
 
 def linked_select(label: str, options: list, param: str, key: str, default: int = 0, text=str, container=None,
