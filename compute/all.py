@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from compute import distributed, paths
-from compute.errors import StageSkipped, UserError, disk_full, no_space_left, run_cli
+from compute.errors import MissingWeights, StageSkipped, UserError, disk_full, no_space_left, run_cli
 from compute.models import get_spec, model_names
 from store import StoreError, StoreWriter
 from store.writer import write_array
@@ -145,6 +145,17 @@ def concept_root(spec, args, data_dir: Path, val) -> Path | None:
     return default if (default / "index.csv").exists() else None
 
 
+def load_or_train(spec, weights, data_dir: Path, seed: int):
+    """The model's weights; a demo model without a checkpoint is trained first (the loader itself never trains)."""
+    try:
+        return spec.load(weights, data_dir, seed=seed)
+    except MissingWeights as missing:
+        from compute.train import train_demo
+
+        train_demo(missing.model, seed=missing.seed, data_dir=data_dir)
+        return spec.load(weights, data_dir, seed=seed)
+
+
 def run_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -178,7 +189,7 @@ def main(argv=None) -> int:
     path = store_path(args, run_name)
     started = time.time()
 
-    model, weights = spec.load(args.weights, data_dir, seed=args.seed)
+    model, weights = load_or_train(spec, args.weights, data_dir, args.seed)
     val = load_data(spec, args, data_dir)
     if len(val.class_names) != spec.num_classes:
         raise UserError(f"the validation set has {len(val.class_names)} classes but {spec.name} predicts "

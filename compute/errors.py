@@ -24,6 +24,15 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class MissingWeights(UserError):
+    """No trained checkpoint of a model the project trains itself (the demo models): an orchestrator that may train
+    (compute.all, compute.suite) answers it by training; a model loader never trains."""
+
+    def __init__(self, message: str, model: str, seed: int):
+        super().__init__(message)
+        self.model, self.seed = model, seed
+
+
 class StageSkipped(Exception):
     """A stage that cannot run with what this run has (e.g. dissection without concept data); the rest goes on."""
 

@@ -113,3 +113,26 @@ def test_drops_rest_on_paired_counts(tiny_run):
         assert lost.dtype == np.int32 and np.array_equal(((lost - gained) / n_k).astype(np.float32), drop)
         assert np.array_equal(store.layer(layer, "ablation", "overall_lost"), lost.sum(1))
         assert np.array_equal(q, stats.false_discovery_control(p.ravel()).reshape(p.shape))
+
+
+def test_a_missing_demo_checkpoint_is_trained_by_compute_all_not_by_the_loader(tmp_path, monkeypatch):
+    """The loader refuses (MissingWeights, one line naming compute.train); compute.all's load_or_train trains."""
+    from compute import all as pipeline
+    from compute import train
+    from compute.errors import MissingWeights
+    from compute.models.demo import weights_file
+
+    spec = get_spec("demo")
+    with pytest.raises(MissingWeights, match="python -m compute.train --model demo --seed 3"):
+        spec.load(None, tmp_path, seed=3)
+    trained = []
+
+    def fake_training(model, seed, data_dir):
+        trained.append((model, seed))
+        path = weights_file(model, seed, data_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(spec.build().state_dict(), path)
+
+    monkeypatch.setattr(train, "train_demo", fake_training)
+    model, provenance = pipeline.load_or_train(spec, None, tmp_path, 3)
+    assert trained == [("demo", 3)] and provenance["weights_path"] == str(weights_file("demo", 3, tmp_path))

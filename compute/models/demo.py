@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compute.errors import UserError
+from compute.errors import MissingWeights, UserError
 from compute.models.registry import ModelSpec, Preprocess, register, sha256_of, state_dict_in
 
 IMAGE_SIZE = 64
@@ -82,18 +82,14 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 def _make_loader(model_name: str):
-    def load(weights: Path | None, data_dir: Path, seed: int = 0, train_if_missing: bool = True):
+    def load(weights: Path | None, data_dir: Path, seed: int = 0):
         model = build_demo(**VARIANTS[model_name])
         path = Path(weights) if weights else weights_file(model_name, seed, data_dir)
         if not path.exists():
             if weights:
                 raise UserError(f"weights file {path} not found: check the --weights path")
-            if not train_if_missing:
-                raise UserError(f"no trained {model_name} (seed {seed}) in {path.parent}: "
-                                f"run `python -m compute.train --model {model_name} --seed {seed}`")
-            from compute.train import train_demo
-
-            train_demo(model_name, seed=seed, data_dir=data_dir)
+            raise MissingWeights(f"no trained {model_name} (seed {seed}) in {path.parent}: run `python -m "
+                                 f"compute.train --model {model_name} --seed {seed}`", model_name, seed)
         load_checkpoint(model, path)
         model.eval()
         return model, {"weights_path": str(path), "weights_sha256": sha256_of(path)}

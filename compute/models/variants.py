@@ -75,9 +75,9 @@ def layer_steps(features: nn.Sequential) -> tuple[dict[str, str], dict[str, str]
 def _make_loader(base: str, kind: str, classes: int):
     name, variant = f"{base}-{kind}", VARIANT_KINDS[kind]
 
-    def load(weights: Path | None, data_dir: Path, seed: int = 0, train_if_missing: bool = True):
+    def load(weights: Path | None, data_dir: Path, seed: int = 0):
         """Weights trained by compute.train: ``--weights FILE`` or ``<data>/weights/<name>-seed<seed>.pt``. They are
-        never trained on the fly (that takes GPU-days), whatever ``train_if_missing`` says."""
+        never trained on the fly (that takes GPU-days)."""
         path = Path(weights).expanduser() if weights else weights_file(name, seed, data_dir)
         if not path.is_file():
             raise UserError(f"no weights for {name} at {path}: train them with `torchrun --nproc-per-node N -m "

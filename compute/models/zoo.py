@@ -193,9 +193,8 @@ def _few(label: str, keys: set[str]) -> str:
 def _make_loader(name: str):
     arch, _, classes, source = ZOO[name]
 
-    def load(weights: Path | None, data_dir: Path, seed: int = 0, train_if_missing: bool = True):
-        """``seed`` and ``train_if_missing`` belong to the demo models' interface: published weights are never
-        trained here."""
+    def load(weights: Path | None, data_dir: Path, seed: int = 0):
+        """``seed`` belongs to the loaders' common interface: published weights have one."""
         path = find_weights(name, source, weights, data_dir)
         state = read_state_dict(path)
         model = ARCHS[arch]["build"](weights=None, num_classes=classes)
