@@ -26,16 +26,21 @@ def test_store_holds_the_contract_paths(tiny_run):
         assert key in store.attrs
 
 
-def test_single_unit_drop_equals_zeroed_weights(tiny_run):
-    """Recompute a few units' drops by zeroing the conv filter in a copy of the network and running it whole."""
+def tiny_model_and_images(tiny_run):
+    """The tiny run's demo network, its validation images (preprocessed) and their labels."""
     from compute.data.validation import load_validation
 
-    store = StoreReader(tiny_run["store"])
     spec = get_spec("demo")
     model, _ = spec.load(None, tiny_run["data_dir"])
     val = load_validation("synthscenes", tiny_run["dataset"], spec.preprocess)
     images = torch.stack([val.dataset[i][0] for i in range(len(val.labels))])
-    labels = torch.as_tensor(val.labels)
+    return model, images, torch.as_tensor(val.labels)
+
+
+def test_single_unit_drop_equals_zeroed_weights(tiny_run):
+    """Recompute a few units' drops by zeroing the conv filter in a copy of the network and running it whole."""
+    store = StoreReader(tiny_run["store"])
+    model, images, labels = tiny_model_and_images(tiny_run)
     with torch.no_grad():
         base_correct = (model(images).argmax(1) == labels).float()
     drop = store.layer("conv5", "ablation", "overall_drop")
@@ -87,14 +92,9 @@ def test_drops_rest_on_paired_counts(tiny_run):
     from scipy import stats
 
     from compute import ties
-    from compute.data.validation import load_validation
 
     store = StoreReader(tiny_run["store"])
-    spec = get_spec("demo")
-    model, _ = spec.load(None, tiny_run["data_dir"])
-    val = load_validation("synthscenes", tiny_run["dataset"], spec.preprocess)
-    images = torch.stack([val.dataset[i][0] for i in range(len(val.labels))])
-    labels = torch.as_tensor(val.labels)
+    model, images, labels = tiny_model_and_images(tiny_run)
     base_right = ties.predict(model, images) == labels
     lost, gained = (store.layer("conv5", "ablation", name) for name in ("lost", "gained"))
     for unit in (0, 7, 31):
