@@ -27,7 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from compute.all import code_version, parse_args, run_key
+from compute.all import code_version, parse_args
+from compute.pipeline import digest
 from compute.attributes import class_correlation, class_selectivity
 from compute.dissection import best_concepts
 from compute.greedy import SPLIT, TIE_BREAK
@@ -386,7 +387,7 @@ def build(out_dir, shape: Shape = Shape(), seed: int = 0, log=print) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = settings(shape)
-    key = run_key({"model": MODEL, "synthetic": seed, "settings": config, "units": shape.units})
+    key = digest({"model": MODEL, "synthetic": seed, "settings": config, "units": shape.units})
     writer = StoreWriter(out_dir / f"{NAME}.h5", key, provenance(shape, config, seed))
     builder = Builder(writer, shape, seed)
     started = time.perf_counter()

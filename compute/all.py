@@ -1,29 +1,26 @@
 """Run the whole offline pipeline for one model into one store: ``python -m compute.all --model demo``.
 
-Stages (each resumable; a killed run restarts at the first unfinished one): set-up (classes, labels), the activation
-pass, then per layer the single-unit ablation sweep, the unit attributes and the further analyses, and the live data
-for the app. The store appears under its final name only when every stage is done.
+The stages and what each depends on are declared in compute.pipeline. A run goes: 1. check every option; 2. load the
+validation set, the concept set and the model; 3. key every stage and see which ones a finished part or the existing
+store already holds (``--plan`` prints this and stops); 4. take those over, compute the rest (each resumable: a killed
+run restarts at the first unfinished stage); 5. assemble the new store version, renamed over the old one only when
+every stage is done.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from compute import distributed, paths
+from compute import distributed, paths, peak
 from compute.errors import MissingWeights, StageSkipped, UserError, disk_full, no_space_left, run_cli
 from compute.models import get_spec, model_names
 from store import StoreError, StoreWriter
-from store.writer import write_array
 
 CODE_VERSION_FALLBACK = "unknown"
 
@@ -38,6 +35,9 @@ def code_version() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from compute import pipeline
+    from compute.options import RunOptions, add_group
+
     parser = argparse.ArgumentParser(
         prog="python -m compute.all", description=__doc__.splitlines()[0],
         epilog="models: " + ", ".join(f"{name}" for name in model_names()))
@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", nargs="+", default=None, help="layers to analyse (default: the model's)")
     parser.add_argument("--weights", default=None, help="checkpoint file (default: looked up for the model)")
     parser.add_argument("--seed", type=int, default=0, help="instance seed of a demo model (trained if missing)")
+    parser.add_argument("--image-size", type=int, default=None, help="input crop of a torchvision:/python: model")
+    parser.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean of such a model")
+    parser.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std of such a model")
     parser.add_argument("--data", default=None, help="validation set folder (default: the model's data set)")
     parser.add_argument("--dataset", default=None, choices=("synthscenes", "places365", "imagenet", "imagefolder"),
                         help="layout of --data (default: the model's; imagefolder = any <class>/<image> folder)")
@@ -54,40 +57,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--store", default=None, help="store file (.h5) or directory (default <data>/stores)")
     parser.add_argument("--name", default=None, help="run name, the store's file name (default model[-seedN])")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-memory", type=float, default=1.0, help="GiB for one ablation chunk (default 1)")
-    parser.add_argument("--live-layers", nargs="*", default=None,
-                        help="layers whose activations are kept for live work in the app (default: the deepest)")
-    parser.add_argument("--force", action="store_true", help="recompute even if the store is up to date")
-    for option in EXTRA_OPTIONS:
-        option(parser)
-    return check_options(parser.parse_args(argv))
+    parser.add_argument("--force", action="store_true", help="recompute every stage, even those the store holds")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each stage and whether it would be reused or recomputed (and why), then exit")
+    add_group(parser, RunOptions, "resources")
+    for options in pipeline.option_types(pipeline.stages()):
+        add_group(parser, options, options.__name__.removesuffix("Options").lower())
+    args = parser.parse_args(argv)
+    check_options(args)  # a value out of range is refused here, before anything is loaded
+    return args
 
 
-# Numeric options: the values that make sense, and what to pass instead. None (not given) is always fine.
+# Numeric options outside the stage tables: the values that make sense, and what to pass instead.
 OPTION_RANGES = {
     "seed": (lambda v: v >= 0, "a seed of 0 or more"),
     "per_class": (lambda v: v >= 1, "at least 1 image per class (leave it out to use every image)"),
-    "batch_size": (lambda v: v >= 1, "a batch size of at least 1"),
-    "max_memory": (lambda v: 0 < v < math.inf, "a positive number of GiB"),
-    "top_k": (lambda v: v >= 0, "0 or more top images per unit (0 = skip)"),
-    "quantile": (lambda v: 0 < v < 1, "a quantile between 0 and 1, e.g. 0.005 for the top 0.5%"),
-    "iou_threshold": (lambda v: 0 <= v <= 1, "an IoU from 0 to 1, e.g. 0.04"),
-    "greedy_steps": (lambda v: v >= 0, "0 or more units per class (0 = skip)"),
-    "random_orders": (lambda v: v >= 0, "0 or more random orders"),
-    "rotations": (lambda v: v >= 0, "0 or more rotations per layer (0 = skip)"),
+    "image_size": (lambda v: v >= 8, "an input size of at least 8 pixels"),
 }
 
 
-def check_options(args: argparse.Namespace) -> argparse.Namespace:
-    """Refuse a numeric option outside its range before any work starts (a negative --per-class would slice the
-    validation set from its end, a zero one take every image), in one line that says what to pass."""
+def check_options(args: argparse.Namespace) -> dict:
+    """Every option checked before any work starts (a negative --per-class would slice the validation set from its
+    end, a zero one take every image), in one line that says what to pass; the stages' option dataclasses back."""
+    from compute import pipeline
+    from compute.options import RunOptions, from_args
+
     for name, (valid, expected) in OPTION_RANGES.items():
         value = getattr(args, name, None)
-        if value is not None and not valid(value):  # NaN fails every comparison, so is refused too
-            shown = f"{value:g}" if isinstance(value, float) else value
-            raise UserError(f"--{name.replace('_', '-')} {shown} is out of range: pass {expected}")
-    return args
+        if value is not None and not valid(value):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: pass {expected}")
+    try:
+        return {kind: from_args(kind, args) for kind in [RunOptions, *pipeline.option_types(pipeline.stages())]}
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def check_layer_choices(options: dict, spec) -> None:
+    """--greedy-layers, --rotation-layers and --live-layers name layers of the model (those not chosen with --layers
+    are left out of the run)."""
+    from compute.options import GreedyOptions, LiveOptions, RotationOptions
+
+    for kind, field in ((GreedyOptions, "greedy_layers"), (RotationOptions, "rotation_layers"),
+                        (LiveOptions, "live_layers")):
+        for layer in getattr(options[kind], field) or ():
+            if layer not in spec.layers:
+                raise UserError(f"--{field.replace('_', '-')} {layer}: {spec.name} has no such layer; choose from "
+                                f"{', '.join(spec.layers)}")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -156,28 +171,82 @@ def load_or_train(spec, weights, data_dir: Path, seed: int):
         return spec.load(weights, data_dir, seed=seed)
 
 
-def run_key(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def model_spec(args):
+    """The model's spec; preprocessing options go to specs that take them (torchvision:/python: models)."""
+    given = {name: getattr(args, name) for name in ("image_size", "mean", "std") if getattr(args, name) is not None}
+    return get_spec(args.model, weights=args.weights, **given)  # the checkpoint gives a generic model's classes
 
 
-def setup_stage(ctx, val) -> None:
-    with ctx.writer.stage("setup") as h5:
-        write_array(h5, "classes", np.array(val.class_names, dtype=object))
-        write_array(h5, "images/labels", np.asarray(val.labels, np.int64))
-        write_array(h5, "images/files", np.array(val.files, dtype=object))
+def run_inputs(spec, weights: dict, val, concepts) -> dict:
+    """What stages' results depend on besides their options: the keys' inputs (compute.pipeline)."""
+    from compute.data.broden import fingerprint
+
+    preprocess = spec.preprocess
+    return {"model": {"name": spec.name, "crop": preprocess.crop, "resize": preprocess.resize,
+                      "mean": list(preprocess.mean), "std": list(preprocess.std)},
+            "weights": weights["weights_sha256"], "data": val.fingerprint,
+            "concepts": fingerprint(concepts) if concepts else None}
+
+
+def previous_records(path: Path) -> dict:
+    """The finished store's record of each stage (empty if there is none or it cannot be read)."""
+    import h5py
+
+    from store.writer import stage_record
+
+    if not path.exists():
+        return {}
+    try:
+        with h5py.File(path, "r", locking=False) as store:
+            return {name: stage_record(store, name) for name in (store["stages"].attrs if "stages" in store else [])}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def decide(steps, parts_done, previous: dict, force: bool) -> dict:
+    """Per step: ("part" | "store" | "compute", why)."""
+    from compute.pipeline import why_recomputed
+
+    decisions, recomputed = {}, set()
+    for step in steps:
+        old = previous.get(step.name)
+        if force:
+            decisions[step.name] = ("compute", "--force")
+        elif step.name in parts_done:
+            decisions[step.name] = ("part", "finished part of an interrupted run")
+        elif old is not None and old.get("key") == step.key:
+            decisions[step.name] = ("store", "unchanged")
+        else:
+            decisions[step.name] = ("compute", why_recomputed(step, old, recomputed))
+        if decisions[step.name][0] == "compute":
+            recomputed.add(step.name)
+    return decisions
+
+
+def print_plan(path: Path, steps, decisions: dict) -> None:
+    width = max(len(step.name) for step in steps)
+    verbs = {"part": "reuse", "store": "reuse", "compute": "compute"}
+    print(f"plan for {path}:")
+    for step in steps:
+        how, why = decisions[step.name]
+        print(f"  {verbs[how]:8s} {step.name:{width}s}  {why}")
+    count = sum(how == "compute" for how, _ in decisions.values())
+    print(f"{count} of {len(steps)} stages to compute")
 
 
 def main(argv=None) -> int:
-    from compute import activations, live
+    from compute import pipeline
     from compute.context import RunContext
+    from compute.greedy import resolve_classes
     from compute.imagecache import ImageCache, default_workers
+    from compute.options import GreedyOptions, RunOptions
 
+    # 1. Every option, before any work.
     args = parse_args(argv)
-    spec = get_spec(args.model)
+    options = check_options(args)
+    spec = model_spec(args)
     layers = spec.check_layers(args.layers)
-    live_layers = spec.check_layers(args.live_layers) if args.live_layers else [layers[-1]]
-    if args.live_layers is not None and len(args.live_layers) == 0:
-        live_layers = []
+    check_layer_choices(options, spec)
     device = resolve_device(args.device)
     use_float32_everywhere()
     dist = distributed.from_environment(device)
@@ -185,78 +254,69 @@ def main(argv=None) -> int:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     data_dir = paths.data_dir(args.data_dir)
-    run_name = args.name or (spec.name if args.seed == 0 else f"{spec.name}-seed{args.seed}")
+    base_name = spec.extra.get("run_name", spec.name)  # a python:path/x.py:f model's name is no file name
+    run_name = args.name or (base_name if args.seed == 0 else f"{base_name}-seed{args.seed}")
     path = store_path(args, run_name)
     started = time.time()
 
-    model, weights = load_or_train(spec, args.weights, data_dir, args.seed)
+    # 2. The data first (a wrong class name fails before a model is trained), then the model.
     val = load_data(spec, args, data_dir)
     if len(val.class_names) != spec.num_classes:
         raise UserError(f"the validation set has {len(val.class_names)} classes but {spec.name} predicts "
                         f"{spec.num_classes}: point --data at the right data set")
+    resolve_classes(options[GreedyOptions].greedy_classes, list(val.class_names))
     concepts = concept_root(spec, args, data_dir, val)
-    settings = {name: value for name, value in vars(args).items()
-                if name not in ("store", "device", "force", "data_dir", "name", "batch_size", "max_memory")}
-    settings.update(layers=layers, live_layers=live_layers)
-    key = run_key({"model": spec.name, "weights": weights["weights_sha256"], "data": val.fingerprint,
-                   "settings": settings})
-    if path.exists() and not args.force:
-        from store import StoreReader
+    model, weights = load_or_train(spec, args.weights, data_dir, args.seed)
 
-        try:
-            if StoreReader(path).attrs.get("run_key") == key:
-                print(f"{path} is up to date (use --force to recompute)")
-                return 0
-        except StoreError:
-            pass  # a damaged or old store is simply recomputed
+    # 3. Key every stage; see what the parts folder and the finished store already hold.
+    table = pipeline.stages()
+    steps = pipeline.plan(table, layers, options, run_inputs(spec, weights, val, concepts))
+    key = pipeline.digest([step.key for step in steps])
+    previous = previous_records(path)
+    parts = StoreWriter.parts_of(path)
+    parts_done = {step.name for step in steps if StoreWriter.part_matches(parts, step.name, step.key)}
+    decisions = decide(steps, parts_done, previous, args.force)
+    if args.plan:
+        print_plan(path, steps, decisions)
+        return 0
+    if set(previous) == {step.name for step in steps} and all(how == "store" for how, _ in decisions.values()):
+        print(f"{path} is up to date (use --force to recompute)")
+        return 0
+
+    # 4. Take over unchanged stages, compute the others.
+    run = options[RunOptions]
+    settings = {"layers": layers, **{name: value for kind in options.values() for name, value in vars(kind).items()},
+                **{name: getattr(args, name) for name in ("model", "weights", "seed", "data", "dataset", "concepts",
+                                                          "per_class", "image_size", "mean", "std")}}
     provenance = {
         "model": spec.name, "arch": spec.arch, "run_name": run_name, "description": spec.description,
         "weights_path": weights["weights_path"], "weights_sha256": weights["weights_sha256"],
-        "data_kind": spec.dataset, "data_path": str(val.root), "data_fingerprint": val.fingerprint,
+        "data_kind": val.kind, "data_path": str(val.root), "data_fingerprint": val.fingerprint,
         "num_images": len(val.labels), "num_classes": len(val.class_names),
         "concepts_path": str(concepts) if concepts else "",
         "config": settings, "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": str(device), "precision": "float32", "torch_version": torch.__version__,
         "ablation_note": spec.ablation_note, "layer_order": list(spec.layers), "seed": args.seed,
     }
-    writer = open_writer(path, key, provenance, dist)
+    writer = open_writer(path, key, provenance, dist, {step.name: step.record for step in steps})
     workers = default_workers() if device.type == "cuda" else 0
     images = ImageCache(val.dataset, spec.preprocess, data_dir / "cache" / f"{val.fingerprint[:16]}-{spec.preprocess.crop}.u8",
                         workers=workers)
     ctx = RunContext(spec=spec, model=model, images=images, class_names=list(val.class_names), layers=layers,
                      device=device, writer=writer, config=settings, data_dir=data_dir,
-                     batch_size=args.batch_size or (128 if device.type == "cuda" else 64),
-                     max_memory=int(args.max_memory * (1 << 30)), extra={"concepts": concepts, "args": args},
-                     dist=dist)
-    if writer.completed_stages() and dist.is_main:
-        print(f"resuming {path.name}: {len(writer.completed_stages())} stages already done")
-    plan = [("setup", lambda: setup_stage(ctx, val)), ("activations", lambda: activations.run_stage(ctx))]
-    for layer in layers:
-        for name, stage in LAYER_STAGES:
-            plan.append((f"{name}/{layer}", lambda stage=stage, layer=layer: stage(ctx, layer)))
-    for layer in live_layers:
-        plan.append((f"live/{layer}", lambda layer=layer: live.run_stage(ctx, layer)))
-    running = {"stage": "setup"}
-    if dist.active:
-        distributed.say_when_stopped(lambda: f"during stage {running['stage']}; finished shards are kept in {writer.parts}")
-    for name, stage in plan:
-        # Other ranks take part only in the sharded stages; rank 0 runs the rest alone.
-        if writer.done(name) or not (dist.is_main or name.split("/")[0] in SHARDED_STAGES):
-            continue
-        running["stage"] = name
-        try:
-            stage()
-        except StageSkipped as skipped:
-            if dist.is_main:
-                print(f"skipped {name}: {skipped}", file=sys.stderr)
-        except Exception as error:
-            if no_space_left(error):  # the stage's part is discarded; the finished ones are kept for the rerun
-                writer.close()
-                raise disk_full(error, name, writer.parts) from None
-            if dist.active:  # torchrun stops the other ranks; say what to do before its own report
-                print(f"rank {dist.rank} failed in stage {name}: {type(error).__name__}: {error}. Finished shards "
-                      f"are kept in {writer.parts}: rerun the same command to resume.", file=sys.stderr)
-            raise
+                     batch_size=run.batch_size or (128 if device.type == "cuda" else 64),
+                     max_memory=int(run.max_memory * (1 << 30)), options=options, concepts=concepts,
+                     files=list(val.files), sharded=frozenset(s.section for s in table if s.sharded), dist=dist)
+    if dist.is_main:
+        taken = [step.name for step in steps if decisions[step.name][0] == "store" and writer.reuse(step.name, path)]
+        if taken:
+            print(f"{path.name}: reusing {len(taken)} unchanged stages of the existing store")
+        if parts_done:
+            print(f"resuming {path.name}: {len(parts_done)} stages already done")
+    dist.barrier()
+    run_steps(ctx, writer, steps, dist)
+
+    # 5. Assemble the new version of the store.
     if not dist.is_main:
         writer.close()
         return 0
@@ -271,63 +331,60 @@ def main(argv=None) -> int:
     return 0
 
 
-def open_writer(path: Path, key: str, provenance: dict, dist) -> StoreWriter:
-    """Rank 0 opens (and, for a new run, clears) the run's parts first; the other ranks join after it."""
+def run_steps(ctx, writer, steps, dist) -> None:
+    """Compute every step not done yet; a joint stage computes all its due layers in one call."""
+    running = {"stage": "setup"}
+    if dist.active:
+        distributed.say_when_stopped(lambda: f"during stage {running['stage']}; finished shards are kept in {writer.parts}")
+    for step in steps:
+        # Other ranks take part only in the sharded stages; rank 0 runs the rest alone.
+        if writer.done(step.name) or not (dist.is_main or step.stage.sharded):
+            continue
+        running["stage"] = step.name
+        if step.stage.joint:
+            due = [s.layer for s in steps if s.stage is step.stage and not writer.done(s.name)]
+            call = lambda step=step, due=due: step.stage.run(ctx, due)  # noqa: E731
+        elif step.layer is None:
+            call = lambda step=step: step.stage.run(ctx)  # noqa: E731
+        else:
+            call = lambda step=step: step.stage.run(ctx, step.layer)  # noqa: E731
+        begun = time.perf_counter()
+        peak.reset(ctx.device)
+        try:
+            call()
+            took, used = time.perf_counter() - begun, peak.read(ctx.device)
+            names = [f"{step.stage.section}/{layer}" for layer in due] if step.stage.joint else [step.name]
+            for name in names:  # a joint stage's layers share one pass's time and memory
+                writer.measured[name] = {"seconds": round(took, 2), **used}
+            if dist.is_main:
+                print(f"{' + '.join(names)}: {took:.1f} s, peak {used.get('host_mib', 0):.0f} MiB", file=sys.stderr)
+        except StageSkipped as skipped:
+            if dist.is_main:
+                print(f"skipped {step.name}: {skipped}", file=sys.stderr)
+                writer.skip(step.name, str(skipped))
+        except Exception as error:
+            if no_space_left(error):  # the stage's part is discarded; the finished ones are kept for the rerun
+                writer.close()
+                raise disk_full(error, step.name, writer.parts) from None
+            if dist.active:  # torchrun stops the other ranks; say what to do before its own report
+                print(f"rank {dist.rank} failed in stage {step.name}: {type(error).__name__}: {error}. Finished "
+                      f"shards are kept in {writer.parts}: rerun the same command to resume.", file=sys.stderr)
+            raise
+
+
+def open_writer(path: Path, key: str, provenance: dict, dist, plan: dict) -> StoreWriter:
+    """Rank 0 opens the run's parts first (dropping stale ones); the other ranks join after it."""
     writer = None
     try:
         if dist.is_main:
-            writer = StoreWriter(path, key, provenance)
+            writer = StoreWriter(path, key, provenance, plan=plan)
         dist.barrier()
         if not dist.is_main:
-            writer = StoreWriter(path, key, provenance, shard_rank=dist.rank)
+            writer = StoreWriter(path, key, provenance, shard_rank=dist.rank, plan=plan)
     except StoreError as error:
         raise UserError(str(error)) from None
     return writer
 
-
-def _layer_stages():
-    """Per-layer stages in run order; later ones read what earlier ones wrote (writer.read_part)."""
-    from compute import attributes, dissection, greedy, relations, rotation, single_unit, topimages
-
-    return [
-        ("ablation", single_unit.run_stage),
-        ("attributes", attributes.run_stage),
-        ("dissection", dissection.run_stage),
-        ("topimages", topimages.run_stage),
-        ("relations", relations.run_stage),
-        ("greedy", greedy.run_stage),
-        ("rotation", rotation.run_stage),
-    ]
-
-
-def _analysis_options(parser: argparse.ArgumentParser) -> None:
-    from compute.dissection import UNION_RULES
-
-    group = parser.add_argument_group("analyses")
-    group.add_argument("--top-k", type=int, default=10, help="top activating images kept per unit")
-    group.add_argument("--quantile", type=float, default=0.005, help="dissection: top activation quantile")
-    group.add_argument("--iou-threshold", type=float, default=0.04, help="dissection: IoU to call a detector")
-    group.add_argument("--union-rule", choices=UNION_RULES, default=UNION_RULES[0],
-                       help="dissection: where a unit's active area joins a category's union: on images carrying a "
-                            "label of the category (image) or where it touches one, as NetDissect-Lite (pixel)")
-    group.add_argument("--greedy-steps", type=int, default=20, help="greedy ablation: units per class (0 = skip)")
-    group.add_argument("--greedy-classes", nargs="*", default=None,
-                       help="greedy ablation: class names or indices (default: all classes)")
-    group.add_argument("--greedy-layers", nargs="*", default=None,
-                       help="greedy ablation: layers (default: the deepest chosen layer)")
-    group.add_argument("--random-orders", type=int, default=10, help="greedy ablation: random-order seeds")
-    group.add_argument("--rotations", type=int, default=1, help="random rotations (seeds) per layer (0 = skip)")
-    group.add_argument("--keep-flip-thumbs", action="store_true",
-                       help="keep 64 px thumbnails of every image an ablation flips in the store "
-                            "(layers/<L>/{ablation,greedy}/flips/thumbs), so the app shows them without the images")
-    group.add_argument("--rotation-layers", nargs="*", default=None,
-                       help="random rotations: layers (default: the deepest chosen layer)")
-
-
-LAYER_STAGES = _layer_stages()
-# Stages whose work is shared out between torchrun ranks (compute.context.RunContext.run_sharded).
-SHARDED_STAGES = {"activations", "ablation", "dissection", "greedy", "rotation"}
-EXTRA_OPTIONS: list = [_analysis_options]
 
 if __name__ == "__main__":
     raise SystemExit(run_cli(main))

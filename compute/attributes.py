@@ -28,14 +28,19 @@ def folded_l1_norm(weight: np.ndarray, gamma, running_var: np.ndarray, eps: floa
 
 def unit_l1(model, spec, layer: str) -> tuple[np.ndarray, dict]:
     """The layer's L1 attribute and the attrs that say what it is: ``source`` (the conv whose filters are the units),
-    ``folded_batch_norm`` (the batch norm folded in, "" for none) and ``definition`` (the formula, in words).
+    ``folded_batch_norm`` (the batch norm folded in, "" for none) and ``definition`` (the formula, in words). None,
+    with ``not_applicable`` set, for a layer the spec names no conv for (a DenseNet block's concatenated output).
 
     Where batch norm follows the conv, any rescaling of a filter is undone by it, so the plain L1 norm is not a
     property of the unit: the norm is then the BN-folded one (``folded_l1_norm``, with the running statistics).
     """
     from compute.models.registry import batch_norm_after
 
-    source = spec.unit_weights[layer]
+    source = spec.unit_weights.get(layer)
+    if source is None:
+        return None, {"source": "", "folded_batch_norm": "", "not_applicable": 1, "definition": (
+            f"not applicable: no single conv writes the channels of {layer} (they come from a concatenation or "
+            f"another operation), so its units have no filter of their own")}
     modules = dict(model.named_modules())
     weight = modules[source].weight.detach().cpu().double().numpy()
     bn_name = batch_norm_after(model, source)
@@ -150,16 +155,18 @@ def run_stage(ctx, layer: str) -> None:
     from store.writer import write_array
 
     group = f"layers/{layer}/activations"
-    mean_act = ctx.writer.read_part("activations", f"{group}/mean")
-    probs = ctx.writer.read_part("activations", "images/probs")
+    mean_act = ctx.writer.read_part(f"activations/{layer}", f"{group}/mean")
+    probs = ctx.writer.read_part("baseline", "images/probs")
     labels = ctx.labels
     selectivity = class_selectivity(mean_act, labels, ctx.num_classes)
     correlation = class_correlation(mean_act, probs)
     with ctx.writer.stage(f"attributes/{layer}") as h5:
         out = f"layers/{layer}/attributes"
         l1, l1_attrs = unit_l1(ctx.model, ctx.spec, layer)
+        if l1 is None:  # the store's contract keeps the array: NaN for every unit, the attrs say why
+            l1 = np.full(mean_act.shape[1], np.nan)
         write_array(h5, f"{out}/l1", l1.astype(np.float32), **l1_attrs)
         write_array(h5, f"{out}/selectivity", selectivity.astype(np.float32))
         write_array(h5, f"{out}/correlation", correlation.astype(np.float32))
         for name in ("sparsity", "moment_mean", "moment_std"):
-            write_array(h5, f"{out}/{name.replace('moment_', 'act_')}", ctx.writer.read_part("activations", f"{group}/{name}"))
+            write_array(h5, f"{out}/{name.replace('moment_', 'act_')}", ctx.writer.read_part(f"activations/{layer}", f"{group}/{name}"))

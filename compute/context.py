@@ -28,11 +28,15 @@ class RunContext:
     data_dir: Path
     batch_size: int = 64
     max_memory: int = 1 << 30
-    extra: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # option dataclass -> its values for this run (compute.options)
+    concepts: Path | None = None                 # the Broden-layout concept data set, if the run has one
+    files: list = field(default_factory=list)    # the validation images' files, in label order
+    sharded: frozenset = frozenset()             # sections declared sharded in the stage table
     dist: Dist = field(default_factory=Dist)
 
     def __post_init__(self):
         self.sequence = self.spec.to_sequence(self.model).to(self.device).eval()
+        self._units: dict[str, int] = {}
 
     @property
     def num_classes(self) -> int:
@@ -41,6 +45,10 @@ class RunContext:
     @property
     def labels(self) -> np.ndarray:
         return self.images.labels.numpy()
+
+    def option(self, kind: type):
+        """This run's values of an option dataclass (its defaults where the run gave none)."""
+        return self.options.get(kind) or kind()
 
     def step(self, layer: str) -> str:
         return self.spec.layers[layer]
@@ -64,11 +72,14 @@ class RunContext:
     def engine(self, layer: str) -> AblationEngine:
         return AblationEngine(tail_of(self.sequence, self.step(layer)), max_memory=self.max_memory)
 
-    def unit_weight(self, layer: str) -> torch.Tensor:
-        return dict(self.model.named_modules())[self.spec.unit_weights[layer]].weight.detach().cpu()
-
+    @torch.no_grad()
     def units(self, layer: str) -> int:
-        return int(self.unit_weight(layer).shape[0])
+        """Channels of the layer's output (a layer need not have a conv of its own: a DenseNet block, a ReLU)."""
+        if layer not in self._units:
+            images, _, _ = next(self.images.batches(1, self.device))
+            step = self.step(layer)
+            self._units[layer] = int(run_to(self.sequence, images, [step])[step].shape[1])
+        return self._units[layer]
 
     def run_sharded(self, stage: str, items: int, compute, combine, everywhere: bool = False):
         """Split ``items`` over the ranks; return ``combine([(indices, arrays), ...])`` on rank 0, None elsewhere.
@@ -77,6 +88,9 @@ class RunContext:
         a part of the run (``<stage>/shard-r-of-w``), so a rerun after a failure recomputes only missing shares.
         ``everywhere``: every rank combines the shares and gets the result (a pass whose result the next pass needs).
         """
+        if stage.split("/")[0] not in self.sharded:
+            raise RuntimeError(f"stage {stage} shares its work out between ranks but is not declared sharded in "
+                               f"compute.pipeline: declare it, or the other ranks never run it")
         if not self.dist.active:
             everything = np.arange(items)
             return combine([(everything, compute(everything))])

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from compute.data.broden import BrodenDataset, ImageLabels, fingerprint
 from compute.errors import StageSkipped, UserError
+from compute.imagecache import normalise
 from compute.quantiles import TopQuantile
 from compute.sequence import run_to
 from store.writer import write_array
@@ -153,13 +154,6 @@ class ConceptImages(torch.utils.data.Dataset):
 
 def _collate(items):
     return torch.stack([image for image, _ in items]), [labels for _, labels in items]
-
-
-def normalise(images_u8: torch.Tensor, preprocess, device) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> the model's normalised float input (as compute.imagecache does for validation images)."""
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
-    return (images_u8.to(device).float() / 255.0 - mean) / std
 
 
 @dataclass
@@ -360,10 +354,12 @@ def write_concepts(h5, table: ConceptTable) -> None:
 def run_stage(ctx, layer: str) -> None:
     from compute.imagecache import default_workers
 
-    root = ctx.extra.get("concepts")
+    from compute.options import DissectionOptions
+
+    root = ctx.concepts
     if root is None:
         raise StageSkipped("no concept data set: pass --concepts PATH (an unzipped broden1_224)")
-    args = ctx.extra["args"]
+    args = ctx.option(DissectionOptions)
     if not 0.0 < args.quantile < 1.0:
         raise UserError(f"--quantile {args.quantile} is not a fraction: use e.g. 0.005 (the top 0.5%)")
     if args.union_rule not in UNION_RULES:

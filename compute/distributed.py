@@ -49,6 +49,14 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
+def current() -> Dist:
+    """This process's place in a process group already joined (training joins its own); a world of one otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist()
+
+
 def from_environment(device: torch.device) -> Dist:
     """Join the process group torchrun describes in the environment; a plain run is a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -57,8 +65,7 @@ def from_environment(device: torch.device) -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
-    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return current()
 
 
 def say_when_stopped(describe) -> None:

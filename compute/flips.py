@@ -166,4 +166,6 @@ def write_thumbs(h5, group: str, images_u8, indices: np.ndarray, block: int = 25
 
 def keep_thumbs(ctx) -> bool:
     """Whether the run keeps thumbnails of flipped images (``--keep-flip-thumbs``)."""
-    return bool(getattr(ctx.extra.get("args"), "keep_flip_thumbs", False))
+    from compute.options import FlipOptions
+
+    return bool(ctx.option(FlipOptions).keep_flip_thumbs)

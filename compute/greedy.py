@@ -199,15 +199,12 @@ def _gather(ctx, layer: str, indices: np.ndarray) -> tuple[torch.Tensor, torch.T
 
 
 def _settings(ctx, layer: str) -> tuple[int, int, np.ndarray]:
-    args = ctx.extra["args"]
+    from compute.options import GreedyOptions
+
+    # Which layers greedy runs on is the stage table's choice (compute.pipeline, --greedy-layers).
+    args = ctx.option(GreedyOptions)
     if args.greedy_steps <= 0:
         raise StageSkipped("--greedy-steps is 0")
-    # Greedy runs the tail ~1.5 x S x units x images times per class: cheap where the engine has its
-    # pool-then-linear shortcut (the deepest conv layer), ~30x the whole single-unit sweep for the demo's conv3
-    # (full conv tails). Like the live data, it defaults to the deepest chosen layer; --greedy-layers picks others.
-    wanted = getattr(args, "greedy_layers", None) or ctx.layers[-1:]
-    if layer not in wanted:
-        raise StageSkipped(f"greedy runs on {', '.join(wanted)} (choose layers with --greedy-layers)")
     if args.random_orders < 0:
         raise UserError(f"--random-orders must be 0 or more, not {args.random_orders}")
     classes = resolve_classes(args.greedy_classes, ctx.class_names)

@@ -82,7 +82,7 @@ def _collect(spec, read: Reader) -> dict[str, np.ndarray]:
     found = {}
     for name, section, dataset, reduction in spec:
         value = read(section, dataset)
-        if value is not None:
+        if value is not None and not np.isnan(value).all():  # all NaN: not applicable to the layer (L1 with no conv)
             found[name] = _per_unit(value, reduction)
     return found
 

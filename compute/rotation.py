@@ -77,16 +77,13 @@ def _combine(ctx, shares: list) -> list[dict]:
 
 def run_stage(ctx, layer: str) -> None:
     """Sweep every direction of each rotation (directions sharded over ranks under torchrun); rank 0 writes."""
-    args = ctx.extra.get("args")
-    count = int(getattr(args, "rotations", 1))
+    from compute.options import RotationOptions
+
+    # Which layers it runs on is the stage table's choice (compute.pipeline, --rotation-layers): a direction's
+    # ablation runs the whole tail wherever max pooling follows the layer (it does not commute with a rotation).
+    count = ctx.option(RotationOptions).rotations
     if count <= 0:
         raise StageSkipped("--rotations 0")
-    # A direction's ablation runs the whole tail wherever max pooling follows the layer (it does not commute with a
-    # rotation): ~3 single-unit sweeps' time for the demo's conv3. The paper's Fig. 7 is the deepest conv layer; like
-    # greedy, rotation defaults to the deepest chosen layer and --rotation-layers picks others.
-    wanted = getattr(args, "rotation_layers", None) or ctx.layers[-1:]
-    if layer not in wanted:
-        raise StageSkipped(f"rotation runs on {', '.join(wanted)} (choose layers with --rotation-layers)")
     seeds = np.arange(count)
     channels = ctx.units(layer)
     rotations = [random_rotation(channels, int(s)) for s in seeds]

@@ -17,12 +17,6 @@ from compute.engine import single_unit_masks
 from store.writer import write_array
 
 
-def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Fraction correct per class from a correctness array [..., N] -> [..., K]."""
-    onehot = np.eye(num_classes)[labels]
-    return (np.asarray(correct, np.float64) @ onehot) / np.maximum(onehot.sum(0), 1)
-
-
 @torch.no_grad()
 def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
     """Per class, the baseline's correct count and, for each unit ablated alone, the images lost and gained; and the

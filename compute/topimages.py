@@ -70,16 +70,19 @@ def unit_masks(ctx, layer: str, order: np.ndarray, thresholds: np.ndarray, size:
 
 
 def run_stage(ctx, layer: str) -> None:
-    args = ctx.extra["args"]
-    if args.top_k <= 0:
-        raise StageSkipped(f"--top-k {args.top_k}: no top images kept")
-    maxes = ctx.writer.read_part("activations", f"layers/{layer}/activations/max")
-    order, scores = top_indices(maxes, min(args.top_k, maxes.shape[0]))
-    if ctx.writer.done(f"dissection/{layer}"):
+    from compute.options import DissectionOptions, TopImageOptions
+
+    top_k, quantile = ctx.option(TopImageOptions).top_k, ctx.option(DissectionOptions).quantile
+    if top_k <= 0:
+        raise StageSkipped(f"--top-k {top_k}: no top images kept")
+    maxes = ctx.writer.read_part(f"activations/{layer}", f"layers/{layer}/activations/max")
+    order, scores = top_indices(maxes, min(top_k, maxes.shape[0]))
+    dissected = f"dissection/{layer}"
+    if ctx.writer.done(dissected) and not ctx.writer.skipped(dissected):
         thresholds = ctx.writer.read_part(f"dissection/{layer}", f"layers/{layer}/dissection/thresholds")
         source = "dissection (concept images)"
     else:
-        thresholds = validation_thresholds(ctx, layer, args.quantile)
+        thresholds = validation_thresholds(ctx, layer, quantile)
         source = "validation images"
     size = min(ctx.spec.preprocess.crop, MAX_THUMB)
     masks = unit_masks(ctx, layer, order, thresholds, size)
@@ -92,4 +95,4 @@ def run_stage(ctx, layer: str) -> None:
                     description="[units, k, h, w, 3] RGB thumbnails of the model's centre crop")
         write_array(h5, f"{group}/masks", masks, description="upsampled activation map > threshold")
         write_array(h5, f"{group}/thresholds", np.asarray(thresholds, np.float32))
-        h5[group].attrs.update({"threshold_source": source, "quantile": float(args.quantile), "k": order.shape[1]})
+        h5[group].attrs.update({"threshold_source": source, "quantile": float(quantile), "k": order.shape[1]})

@@ -30,7 +30,6 @@ import hashlib
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,9 @@ from torch import distributed as dist
 from tqdm import tqdm
 
 from compute import paths
+from compute.distributed import Dist, current
 from compute.errors import UserError, run_cli
+from compute.imagecache import normalise
 
 DEFAULTS = {"epochs": 14, "batch_size": 64, "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
 # torchvision's reference recipe for AlexNet (batch 256 in all, step decay every 30 epochs).
@@ -50,25 +51,6 @@ VARIANTS = ("baseline", "bn", "dropout")
 
 
 # -- distributed plumbing ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in the training group; a plain run is rank 0 of 1."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def ranks() -> Ranks:
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return Ranks()
-
-
 def launched_by_torchrun() -> bool:
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
@@ -77,23 +59,23 @@ def launched_by_torchrun() -> bool:
 def process_group():
     """Join torchrun's process group (nccl when there are GPUs, gloo otherwise) for the duration of the block."""
     if not launched_by_torchrun():
-        yield Ranks()
+        yield Dist()
         return
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        yield ranks()
+        yield current()
     finally:
         dist.destroy_process_group()
 
 
-def train_device(where: Ranks) -> torch.device:
+def train_device(where: Dist) -> torch.device:
     return torch.device(f"cuda:{where.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def wrap(model: torch.nn.Module, where: Ranks, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, where: Dist, device: torch.device) -> torch.nn.Module:
     """The module to train: DDP around the model in a group of several (batch norm synchronised on GPUs, where
     SyncBatchNorm runs; on the CPU each rank normalises its own share and DDP broadcasts rank 0's statistics)."""
     if where.world == 1:
@@ -104,7 +86,7 @@ def wrap(model: torch.nn.Module, where: Ranks, device: torch.device) -> torch.nn
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=devices)
 
 
-def check_replicas(model: torch.nn.Module, where: Ranks) -> None:
+def check_replicas(model: torch.nn.Module, where: Dist) -> None:
     """DDP keeps every rank's parameters identical; a difference means the ranks trained apart, so nothing is saved."""
     if where.world == 1:
         return
@@ -117,7 +99,7 @@ def check_replicas(model: torch.nn.Module, where: Ranks) -> None:
         raise RuntimeError(f"parameters differ between ranks after training ({len(set(digests))} versions)")
 
 
-def share(value, where: Ranks):
+def share(value, where: Dist):
     """Rank 0's value on every rank."""
     if where.world == 1:
         return value
@@ -160,15 +142,9 @@ def evaluate(model, images, labels, preprocess, batch_size=256, device=torch.dev
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = _normalise(images[start:start + batch_size].to(device), preprocess)
+            x = normalise(images[start:start + batch_size].to(device), preprocess)
             correct += (model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
     return correct / len(images)
-
-
-def _normalise(images_u8, preprocess):
-    mean = torch.tensor(preprocess.mean, device=images_u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=images_u8.device).view(1, 3, 1, 1)
-    return (images_u8.float() / 255.0 - mean) / std
 
 
 def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: int | None = None,
@@ -187,7 +163,7 @@ def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: i
     spec = get_spec(model_name)
     if spec.arch != "demo":
         raise UserError(f"train_demo trains the demo models only (demo, demo-bn, demo-dropout), not {model_name}")
-    where = ranks()
+    where = current()
     device = train_device(where)
     data_dir = paths.data_dir(data_dir)
     root = Path(dataset_root) if dataset_root else synthscenes.ensure(data_dir, seed=data_seed)
@@ -209,7 +185,7 @@ def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: i
     started = time.time()
     loss_fn = torch.nn.CrossEntropyLoss()
     with tqdm(total=settings["epochs"] * steps_per_epoch, desc=f"training {model_name} seed {seed}",
-              unit="step", disable=not where.main) as bar:
+              unit="step", disable=not where.is_main) as bar:
         for epoch in range(settings["epochs"]):
             net.train()
             order = torch.randperm(len(train_x), generator=generator)
@@ -218,7 +194,7 @@ def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: i
                 images = _augment(train_x[batch], generator)  # every rank draws the same flips: generators stay equal
                 if len(batch) >= where.world:  # a last batch too small to give every rank an image is skipped by all
                     mine = slice(where.rank, None, where.world)
-                    x = _normalise(images[mine].to(device), spec.preprocess)
+                    x = normalise(images[mine].to(device), spec.preprocess)
                     loss = loss_fn(net(x), train_y[batch][mine].to(device))
                     optimiser.zero_grad()
                     loss.backward()
@@ -229,12 +205,12 @@ def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: i
     check_replicas(model, where)
     path = weights_file(model_name, seed, data_dir)
     accuracy = None
-    if where.main:
+    if where.is_main:
         accuracy = evaluate(model, val_x, val_y, spec.preprocess, device=device)
         save_atomically(model.state_dict(), path)
     accuracy = share(accuracy, where)
     seconds = time.time() - started
-    if where.main:
+    if where.is_main:
         print(f"{model_name} seed {seed}: validation accuracy {accuracy:.3f} (chance {1 / spec.num_classes:.3f}), "
               f"{seconds:.0f} s on {where.world} x {device.type}, saved to {path}")
     return {"path": path, "val_accuracy": accuracy, "seconds": seconds}
@@ -275,7 +251,7 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def distributed_accuracy(model, data, batch_size: int, workers: int, device, where: Ranks) -> float:
+def distributed_accuracy(model, data, batch_size: int, workers: int, device, where: Dist) -> float:
     """Top-1 accuracy; each rank evaluates every world-th image and the counts are summed."""
     part = torch.utils.data.Subset(data, range(where.rank, len(data), where.world))
     counts = torch.zeros(2, dtype=torch.float64, device=device)
@@ -301,7 +277,7 @@ def train_imagefolder(model_name: str, train_dir, seed: int = 0, data_dir=None, 
     from compute.models.demo import weights_file
 
     spec = get_spec(model_name)
-    where = ranks()
+    where = current()
     device = train_device(where)
     settings = dict(IMAGEFOLDER_DEFAULTS, **{k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items()
                                              if v is not None})
@@ -333,7 +309,7 @@ def train_imagefolder(model_name: str, train_dir, seed: int = 0, data_dir=None, 
         net.train()
         steps = min(len(loader), max_steps or len(loader))
         with tqdm(total=steps, desc=f"{model_name} epoch {epoch + 1}/{settings['epochs']}", unit="step",
-                  disable=not where.main) as bar:
+                  disable=not where.is_main) as bar:
             for step, (x, y) in enumerate(loader):
                 if step >= steps:
                     break
@@ -345,12 +321,12 @@ def train_imagefolder(model_name: str, train_dir, seed: int = 0, data_dir=None, 
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         schedule.step()
-        if where.main:
+        if where.is_main:
             save_atomically({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
                              "schedule": schedule.state_dict(), "epoch": epoch + 1, "settings": settings}, resume)
     check_replicas(model, where)
     accuracy = distributed_accuracy(model, val, per_rank, workers, device, where) if val is not None else None
-    if where.main:
+    if where.is_main:
         save_atomically(model.state_dict(), path)
         resume.unlink(missing_ok=True)
         shown = "no --val" if accuracy is None else f"validation accuracy {accuracy:.3f}"

@@ -27,7 +27,7 @@ import numpy as np
 from store.reader import list_stores, open_failure
 from store.schema import (GZIP_LEVEL, INDEX_RANGES, LAYER_ATTRS, LAYER_SECTIONS, LAYER_SHAPES, REQUIRED_ROOT,
                           ROOT_ATTRS, SCHEMA_VERSION, SECTION_COMMANDS, TEXT, attribute_problems, dtype_kind,
-                          dtype_problems, expected_filters, layer_path, layers_of, shape_problems)
+                          dtype_problems, expected_filters, layer_path, layers_of, parse_record, shape_problems)
 
 RECOMPUTE = "recompute it with `python -m compute.all --model MODEL --force`"
 
@@ -222,9 +222,9 @@ def _check_layout(handle, attrs: dict, datasets: dict, layers: list[str], report
             else:
                 report.problems.extend(f"'{p}' is missing from the {section} section; " + report.fix for p in missing)
     optional = (set(SECTION_COMMANDS) | {p.split("/")[0] for p in LAYER_SHAPES}) - set(LAYER_SECTIONS)
-    for stage in _recorded_stages(handle):
+    for stage, skipped in _recorded_stages(handle):
         section, _, layer = stage.partition("/")
-        if section in optional and layer and not _present(handle, f"layers/{layer}/{section}"):
+        if section in optional and not skipped and layer and not _present(handle, f"layers/{layer}/{section}"):
             report.problems.append(f"stage {stage} is recorded as finished but 'layers/{layer}/{section}' is missing: "
                                    f"the store was edited or damaged; " + report.fix)
 
@@ -244,9 +244,11 @@ def _configured_layers(attrs: dict) -> list[str]:
         return []
 
 
-def _recorded_stages(handle) -> list[str]:
+def _recorded_stages(handle) -> list[tuple[str, bool]]:
+    """(stage, whether it was skipped) for every stage the store records."""
     try:
-        return list(handle["stages"].attrs) if "stages" in handle else []
+        attrs = handle["stages"].attrs if "stages" in handle else {}
+        return [(stage, "skipped" in parse_record(value)) for stage, value in attrs.items()]
     except Exception:  # noqa: BLE001 - a damaged stages group shows up again when the walk lists it
         return []
 

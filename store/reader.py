@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 
 from store.schema import (LAYER_ATTRS, PARTIAL_SUFFIX, ROOT_ATTRS, SCHEMA_VERSION, SECTION_COMMANDS, SUFFIX,
-                          StoreError, attribute_problems, dtype_problems, layer_path, layers_of, shape_problems)
+                          StoreError, attribute_problems, dtype_problems, layer_path, layers_of, parse_record,
+                          shape_problems)
 
 
 def _open(path: Path) -> h5py.File:
@@ -151,6 +152,10 @@ class StoreReader:
     def config(self) -> dict:
         raw = self.attrs.get("config", "{}")
         return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+    def stage_records(self) -> dict[str, dict]:
+        """Each stage's record (key, options, inputs, finished; see SCHEMA.md), in run order."""
+        return {name: parse_record(value) for name, value in self.stages.items()}
 
     def has(self, path: str) -> bool:
         return path.strip("/") in self.contents

@@ -259,3 +259,12 @@ def dtype_problems(metadata: dict, exact: bool) -> list[str]:
             described = TEXT if dtype_kind(dtype) == TEXT else np.dtype(dtype).name
             problems.append(f"'{path}' holds {described} values, expected {expected}")
     return problems
+
+
+def parse_record(value) -> dict:
+    """A stage's record in a store's ``stages`` attributes; a store from before per-stage keys kept only a time."""
+    try:
+        record = json.loads(value)
+    except (TypeError, ValueError):
+        return {"finished": str(value)}
+    return record if isinstance(record, dict) else {"finished": str(value)}

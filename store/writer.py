@@ -5,6 +5,10 @@ never writes into a file anyone else needs. Stage ``s`` is written as ``.<run>.p
 ``<s>.h5`` when it completes; the final ``<run>.h5`` appears only when every stage is done (temporary name, then
 ``os.replace``). A killed run leaves at most a ``.tmp`` part, which the next run discards and redoes: readers, who only
 open ``*.h5`` files in the store directory, never see a partial store.
+
+Every part carries its stage's key (a hash of what the stage's result depends on). A rerun keeps the parts whose key is
+unchanged and takes unchanged stages out of the finished store (``reuse``): the store records, per stage, its key,
+options and contents (``stages`` attributes), so a changed setting recomputes only the stages it touches.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from store.schema import GZIP_LEVEL, SCHEMA_VERSION, SUFFIX, StoreError
+from store.schema import GZIP_LEVEL, SCHEMA_VERSION, SUFFIX, StoreError, parse_record
 
 
 # HDF5's 1.10 file format: its superblock, object headers (which hold every dataset's shape, type, filters and
@@ -141,13 +146,17 @@ class StoreWriter:
     >>> writer.commit()
     """
 
-    def __init__(self, path: Path, run_key: str, provenance: dict, shard_rank: int = 0):
+    def __init__(self, path: Path, run_key: str, provenance: dict, shard_rank: int = 0, plan: dict | None = None):
+        """``plan``: stage name -> {"key": ..., and what else the store records about the stage (options, needs)},
+        in run order. Without one every stage is keyed by ``run_key`` (all or nothing, as a one-off writer wants)."""
         self.path = Path(path)
         if not self.path.name.endswith(SUFFIX):
             raise StoreError(f"store path {self.path} must end in {SUFFIX}")
         self.run_key = run_key
         self.provenance = dict(provenance)
-        self.parts = self.path.with_name("." + self.path.name[: -len(SUFFIX)] + ".parts")
+        self.plan = dict(plan) if plan is not None else None
+        self.measured: dict[str, dict] = {}  # time and peak memory of the stages this process computed (for commit)
+        self.parts = self.parts_of(self.path)
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -163,28 +172,73 @@ class StoreWriter:
         if shard_rank == 0:
             self._start_or_resume()
 
-    # Resume only parts made for the same run (model, weights, data, settings); anything else is stale.
+    # Resume only parts made with the key the stage has now (same model, weights, data, options, inputs).
     def _start_or_resume(self) -> None:
-        key_file = self.parts / "run.json"
-        if key_file.exists():
-            try:
-                previous = json.loads(key_file.read_text()).get("run_key")
-            except ValueError:
-                previous = None
-            if previous != self.run_key:
-                for stale in self.parts.glob("*.h5*"):
-                    stale.unlink()
         for leftover in self.parts.glob("*.tmp"):
             leftover.unlink()
         for lock in self.parts.glob("lock-rank*"):
             lock.unlink(missing_ok=True)
-        key_file.write_text(json.dumps({"run_key": self.run_key, "provenance": self.provenance}, default=str))
+        for part in self.parts.glob("*.h5"):
+            stage = part.name[:-3].replace("__", "/")
+            if _part_key(part) != self.key_of(stage):
+                part.unlink()
+        plan = list(self.plan) if self.plan is not None else None
+        (self.parts / "run.json").write_text(json.dumps({"run_key": self.run_key, "provenance": self.provenance,
+                                                         "plan": plan}, default=str))
+
+    @staticmethod
+    def parts_of(path: Path) -> Path:
+        """The hidden folder where a run's finished stages wait for assembly."""
+        path = Path(path)
+        return path.with_name("." + path.name[: -len(SUFFIX)] + ".parts")
+
+    @staticmethod
+    def part_matches(parts: Path, stage: str, key: str) -> bool:
+        """Whether ``parts`` holds a finished part of ``stage`` made with ``key`` (read without taking the lock)."""
+        part = parts / (stage.replace("/", "__") + ".h5")
+        return part.exists() and _part_key(part) == key
+
+    def key_of(self, stage: str) -> str | None:
+        """The key a part of ``stage`` must carry; a shard part (``<stage>/shard-r-of-w``) carries its stage's."""
+        if self.plan is None:
+            return self.run_key
+        name = _SHARD.sub("", stage)
+        while name not in self.plan and "/" in name:  # a stage's own sub-parts (one per pass) carry its key
+            name = name.rsplit("/", 1)[0]
+        return self.plan[name]["key"] if name in self.plan else self.run_key
 
     def _part(self, stage: str) -> Path:
         return self.parts / (stage.replace("/", "__") + ".h5")
 
     def done(self, stage: str) -> bool:
         return self._part(stage).exists()
+
+    def skipped(self, stage: str) -> str | None:
+        """Why a finished stage wrote nothing (it was recorded as skipped), or None."""
+        with h5py.File(self._part(stage), "r") as handle:
+            reason = handle.attrs.get("skipped")
+        return None if reason is None else str(reason)
+
+    def skip(self, stage: str, reason: str) -> None:
+        """Record that ``stage`` has nothing to write (no concept data, 0 rotations...), so reruns need not ask."""
+        with self.stage(stage) as handle:
+            handle.attrs["skipped"] = reason
+
+    def reuse(self, stage: str, source: Path) -> bool:
+        """Take ``stage``'s results out of the finished store ``source`` when it recorded them under the stage's
+        current key; False (nothing written) otherwise."""
+        try:
+            with h5py.File(source, "r", locking=False) as store:
+                record = stage_record(store, stage)
+                if record is None or record.get("key") != self.key_of(stage):
+                    return False
+                with self.stage(stage) as part:
+                    if record.get("skipped"):
+                        part.attrs["skipped"] = record["skipped"]
+                    _copy_contents(store, part, record.get("contents", {}))
+                return True
+        except (OSError, KeyError, ValueError):  # an unreadable or older store is simply not reused
+            return False
 
     def completed_stages(self) -> list[str]:
         return sorted(p.name[:-3].replace("__", "/") for p in self.parts.glob("*.h5"))
@@ -198,7 +252,9 @@ class StoreWriter:
         try:
             yield handle
             handle.attrs["stage"] = stage
-            handle.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            handle.attrs["key"] = self.key_of(stage) or ""
+            if "finished" not in handle.attrs:  # a reused stage keeps the time it was computed
+                handle.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             handle.flush()  # a full disk fails here, while the file can still be discarded safely
             handle.close()
             os.replace(temporary, final)
@@ -225,39 +281,155 @@ class StoreWriter:
     def commit(self) -> Path:
         """Assemble every part into ``<run>.h5`` under a temporary name, then rename it into place."""
         temporary = self.path.with_name("." + self.path.name + ".assembling")
-        target = _create(temporary)
-        try:
-            self._assemble(target)
-            target.flush()
-            target.close()
-        except BaseException:
-            _discard(target, temporary)
-            raise
-        os.replace(temporary, self.path)
+        # Amends take turns with the assembly, so an addition to the previous version made meanwhile is carried over
+        # (or reported), never lost to the rename.
+        with _exclusive(self.path.with_name("." + self.path.name + ".lock")):
+            target = _create(temporary)
+            try:
+                self._assemble(target)
+                target.flush()
+                target.close()
+            except BaseException:
+                _discard(target, temporary)
+                raise
+            os.replace(temporary, self.path)
         self.close()
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.path
 
     def _assemble(self, target: h5py.File) -> None:
-        for part in sorted(self.parts.glob("*.h5")):
-            with h5py.File(part, "r") as source:
-                stage = source.attrs.get("stage", part.stem)
-                finished = source.attrs.get("finished", "")
+        stages = self._stage_order()
+        for stage in stages:
+            with h5py.File(self._part(stage), "r") as source:
+                record = {"key": str(source.attrs.get("key", "")), "finished": str(source.attrs.get("finished", "")),
+                          "contents": _contents(source)}
+                if "skipped" in source.attrs:
+                    record["skipped"] = str(source.attrs["skipped"])
                 _merge(source, target)
-            target.require_group("stages").attrs[str(stage)] = str(finished)
-        for attr in ("stage", "finished"):
+            if self.plan is not None:
+                record.update({k: v for k, v in self.plan[stage].items() if k != "key"})
+            record.update(self.measured.get(stage, {}))
+            if "stages" not in target:  # attributes in creation order: readers list the stages in run order
+                target.create_group("stages", track_order=True)
+            target["stages"].attrs[stage] = json.dumps(record, default=str)
+        for attr in ("stage", "finished", "key", "skipped"):
             if attr in target.attrs:
                 del target.attrs[attr]
+        self._carry_additions(target, stages)
         for key, value in self.provenance.items():
             target.attrs[key] = _attr_value(value)
         target.attrs["run_key"] = self.run_key
         target.attrs["schema_version"] = SCHEMA_VERSION
         target.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
+    def _stage_order(self) -> list[str]:
+        """The stages to assemble: the plan's, in its order (a part left from an earlier plan is not included)."""
+        finished = self.completed_stages()
+        if self.plan is None:
+            return finished
+        missing = [stage for stage in self.plan if stage not in finished]
+        if missing:
+            raise StoreError(f"cannot assemble {self.path.name}: stage {missing[0]} is not finished")
+        return list(self.plan)
+
+    def _carry_additions(self, target: h5py.File, stages: list[str]) -> None:
+        """Keep what was added to the previous version after it was computed (compute.predict's tables, saved live
+        greedy runs) where every stage it was built on is unchanged; said on the console where not."""
+        if not self.path.exists():
+            return
+        new_keys = {stage: json.loads(target["stages"].attrs[stage])["key"] for stage in stages}
+        with h5py.File(self.path, "r", locking=False) as old:
+            if "stages" not in old:
+                return
+            records = {stage: parse_record(value) for stage, value in old["stages"].attrs.items()}
+            if not all("contents" in record for record in records.values()):
+                return  # a store from before per-stage records: what was added cannot be told from what was computed
+            owned = {path for record in records.values() for path in record.get("contents", {}).get("datasets", [])}
+            for path in _additions(old, owned):
+                based_on = _based_on(path, records)
+                if all(new_keys.get(s) == records[s].get("key") for s in based_on):
+                    parent = path.rsplit("/", 1)[0] if "/" in path else None
+                    _copy_contents(old, target, {"datasets": [path], "attrs": {parent: list(old[parent].attrs)}
+                                                 if parent else {}})
+                else:
+                    print(f"{self.path.name}: dropped {path}, added after the run, because a stage it was built on "
+                          f"changed: compute it again (compute.predict, or the Greedy page)")
+
     def close(self) -> None:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+
+_SHARD = re.compile(r"/shard-\d+-of-\d+$")
+
+
+def _part_key(part: Path) -> str | None:
+    try:
+        with h5py.File(part, "r") as handle:
+            return str(handle.attrs["key"]) if "key" in handle.attrs else None
+    except (OSError, KeyError):  # a damaged part is stale
+        return None
+
+
+def stage_record(store: h5py.File, stage: str) -> dict | None:
+    if "stages" not in store or stage not in store["stages"].attrs:
+        return None
+    return parse_record(store["stages"].attrs[stage])
+
+
+def _contents(part: h5py.File) -> dict:
+    """What a part holds: its datasets, and the attribute names of each group that carries some."""
+    datasets, attrs = [], {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            datasets.append(name)
+        elif len(item.attrs):
+            attrs[name] = sorted(item.attrs)
+    part.visititems(visit)
+    return {"datasets": datasets, "attrs": attrs}
+
+
+def _copy_contents(source: h5py.File, target: h5py.Group, contents: dict) -> None:
+    for path in contents.get("datasets", []):
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        group = target.require_group(parent) if parent else target
+        source.copy(source[path], group, name=path.rsplit("/", 1)[-1])
+    for path, names in contents.get("attrs", {}).items():
+        group = target.require_group(path)
+        for name in names:
+            group.attrs[name] = source[path].attrs[name]
+
+
+def _additions(store: h5py.File, owned: set[str]) -> list[str]:
+    found = []
+    store.visititems(lambda name, item: found.append(name)
+                     if isinstance(item, h5py.Dataset) and name not in owned else None)
+    return found
+
+
+# What the known additions are computed from: compute.predict's table reads a layer's drops and attributes, a saved
+# live greedy run the layer's live data. Anything else added is taken to rest on every stage of its layer.
+ADDITION_INPUTS = {"prediction": ("setup", "ablation", "attributes"), "greedy_live": ("setup", "live")}
+
+
+def _based_on(path: str, records: dict) -> list[str]:
+    """The stages an addition at ``path`` was built on (``prediction/<L>/...``, ``layers/<L>/<kind>/...``)."""
+    parts = path.split("/")
+    if parts[0] == "prediction" and len(parts) > 2:
+        layer, kind = parts[1], "prediction"
+    elif parts[0] == "layers" and len(parts) > 3:
+        layer, kind = parts[1], parts[2]
+    else:
+        return list(records)
+    sections = ADDITION_INPUTS.get(kind)
+    chosen = []
+    for stage in records:
+        section, _, of = stage.partition("/")
+        if of in (layer, "") and (sections is None or section in sections):
+            chosen.append(stage)
+    return chosen
 
 
 @contextmanager

@@ -140,7 +140,7 @@ def test_union_rule_option_reaches_the_store(tmp_path):
 
     import h5py
 
-    from compute.all import parse_args
+    from compute.all import check_options, parse_args
     from compute.context import RunContext
     from compute.dissection import run_stage
     from store import StoreWriter
@@ -149,10 +149,10 @@ def test_union_rule_option_reaches_the_store(tmp_path):
     spec = SimpleNamespace(to_sequence=lambda model: model, layers={"blocks": "pool"},
                            preprocess=broden_fixture.PREPROCESS)
     writer = StoreWriter(tmp_path / "run.h5", "key", {})
-    args = parse_args(["--union-rule", "pixel", "--quantile", "0.1"])  # 0.1: T_u = 0, every lit block is active
+    options = check_options(parse_args(["--union-rule", "pixel", "--quantile", "0.1"]))  # 0.1: T_u = 0, every lit block is active
     ctx = RunContext(spec=spec, model=broden_fixture.block_sequence(), images=None, class_names=[], layers=["blocks"],
                      device=torch.device("cpu"), writer=writer, config={}, data_dir=tmp_path, batch_size=2,
-                     extra={"concepts": root, "args": args})
+                     options=options, concepts=root, sharded=frozenset({"dissection"}))
     run_stage(ctx, "blocks")
     with h5py.File(writer.commit(), "r") as h5:
         group = h5["layers/blocks/dissection"]
@@ -350,7 +350,7 @@ def test_missing_concepts_skip_the_stage_naming_the_option():
     from compute.errors import StageSkipped
 
     with pytest.raises(StageSkipped, match="--concepts PATH"):
-        run_stage(SimpleNamespace(extra={"concepts": None}), "conv5")
+        run_stage(SimpleNamespace(concepts=None), "conv5")
 
 
 def test_dissection_page_counts_detectors(store_env):

@@ -182,6 +182,7 @@ def test_finished_share_is_reused(capsys, monkeypatch):
     ctx = RunContext.__new__(RunContext)
     ctx.writer = _Writer()
     ctx.dist = Dist(rank=1, world=2)
+    ctx.sharded = frozenset({"ablation"})
     monkeypatch.setattr(Dist, "barrier", lambda self: None)
     compute = lambda idx: calls.append(idx.tolist()) or {"value": idx * 10}  # noqa: E731
     combine = lambda shares: RunContext.in_item_order(shares, ["value"])["value"].tolist()  # noqa: E731

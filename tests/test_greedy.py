@@ -132,8 +132,10 @@ def test_resolve_classes():
 def stage_context(**args):
     from types import SimpleNamespace
 
-    options = dict(greedy_steps=20, random_orders=10, greedy_classes=None) | args
-    return SimpleNamespace(extra={"args": SimpleNamespace(**options)}, layers=["conv3", "conv5"],
+    from compute.options import GreedyOptions
+
+    options = GreedyOptions(**(dict(greedy_steps=20, random_orders=10, greedy_classes=None) | args))
+    return SimpleNamespace(option=lambda kind: options, layers=["conv3", "conv5"],
                            class_names=["beach", "forest", "kitchen"], num_classes=3,
                            labels=np.repeat([0, 1, 2], 4), units=lambda layer: 8)
 
@@ -145,9 +147,6 @@ def test_stage_settings():
     assert greedy._settings(stage_context(greedy_classes=["forest"]), "conv5")[2].tolist() == [1]
     with pytest.raises(StageSkipped, match="--greedy-steps is 0"):
         greedy._settings(stage_context(greedy_steps=0), "conv5")
-    with pytest.raises(StageSkipped, match="--greedy-layers"):
-        greedy._settings(stage_context(), "conv3")
-    assert greedy._settings(stage_context(greedy_layers=["conv3"]), "conv3")[0] == 8
     with pytest.raises(UserError, match="unknown class 'desert'"):
         greedy._settings(stage_context(greedy_classes=["desert"]), "conv5")
 

@@ -78,7 +78,7 @@ def test_a_full_disk_in_a_stage_is_one_line_and_the_rerun_resumes(small_run, tmp
     assert line == (f"error: no space left on {mount} while writing topimages/conv5: free space and rerun the same "
                     f"command to resume")
     done = sorted(p.name for p in parts.iterdir())
-    assert {"setup.h5", "activations.h5", "ablation__conv5.h5", "dissection__conv5.h5"} <= set(done)
+    assert {"setup.h5", "baseline.h5", "activations__conv5.h5", "ablation__conv5.h5", "dissection__conv5.h5"} <= set(done)
     assert not [name for name in done if name.startswith("topimages") or name.endswith(".tmp")]
     assert visible_stores(stores) == []
 

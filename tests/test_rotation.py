@@ -112,7 +112,7 @@ def test_rotations_zero_skips_the_stage():
     from compute.rotation import run_stage
 
     with pytest.raises(StageSkipped):
-        run_stage(SimpleNamespace(extra={"args": SimpleNamespace(rotations=0)}), "conv5")
+        run_stage(SimpleNamespace(option=lambda kind: kind(rotations=0)), "conv5")
 
 
 def significant_copy(source, target: Path, layer: str = "conv5") -> Path:

@@ -9,6 +9,8 @@ Kinds:
   index (wnids sorted, torchvision's order), read from ``imagenet_class_index.json`` in ``<path>`` or its parent when
   present, names otherwise from torchvision's weights metadata.
 * ``imagefolder``: any ImageFolder directory; classes are the sorted folder names.
+* ``auto`` (the kind of ``torchvision:`` and ``python:`` models): one of the above, read from the folder
+  (``detect_kind``); the set's ``kind`` is the detected one.
 
 All kinds end in one ``FileListDataset``, so decoding and its errors are the same everywhere.
 """
@@ -53,6 +55,22 @@ FILE_LISTS = {
 }
 FOLDER_KINDS = ("imagenet", "imagefolder")
 KINDS = (*FILE_LISTS, *FOLDER_KINDS)
+AUTO = "auto"  # the kind of a model that has no data set of its own (torchvision:, python:): read from the folder
+
+
+def detect_kind(path: Path) -> str:
+    """The layout of a validation folder: a file-list set by its list file (in the folder or, for Places365, its
+    parent's layout), ImageNet by its class index or wnid-named folders, otherwise any ImageFolder."""
+    for kind, layout in FILE_LISTS.items():
+        if (path / layout.list_file).is_file() and (path / layout.categories).is_file():
+            return kind
+    if imagenet_class_index(path) is not None:
+        return "imagenet"
+    folders = [child.name for child in path.iterdir() if child.is_dir()]
+    if len(folders) == IMAGENET_CLASSES and all(len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+                                                for name in folders):
+        return "imagenet"  # fewer wnid folders (a fine-tuned subset) are classes of their own: an ImageFolder
+    return "imagefolder"
 
 
 @dataclass
@@ -73,6 +91,8 @@ def load_validation(kind: str, path, preprocess, per_class: int | None = None,
     """Read the validation set at ``path``; ``per_class`` keeps the first N images of each class; ``num_classes``
     (the model's) is checked against the set's classes so a mismatch fails before any image is decoded."""
     path = Path(path).expanduser()
+    if kind == AUTO and path.is_dir():
+        kind = detect_kind(path)
     if kind not in KINDS:
         raise UserError(f"unknown validation data kind '{kind}': choose one of {', '.join(KINDS)}")
     if not path.is_dir():

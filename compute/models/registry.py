@@ -93,11 +93,37 @@ def model_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_spec(name: str) -> ModelSpec:
+def get_spec(name: str, image_size: int | None = None, mean=None, std=None, weights=None) -> ModelSpec:
+    """The spec of a registered model, or of any CNN named ``torchvision:NAME`` or ``python:file.py:factory``
+    (``compute.models.generic``), whose preprocessing ``image_size`` (the crop), ``mean`` and ``std`` set (ImageNet's
+    by default) and whose class count is that of the checkpoint ``weights`` (--weights) where given. The registered
+    models fix their own preprocessing and class count (``weights`` is their loader's business)."""
     _load_builtin()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model '{name}': choose one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    options = {"image_size": image_size, "mean": _listed(mean), "std": _listed(std)}
+    if name in _REGISTRY:
+        given = [f"--{key.replace('_', '-')}" for key, value in options.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to torchvision: and python: models; {name} fixes its own "
+                            f"preprocessing ({_REGISTRY[name].preprocess.as_dict()})")
+        return _REGISTRY[name]
+    from compute.models import generic
+
+    if not generic.is_generic(name):
+        raise UserError(f"unknown model '{name}': choose one of {', '.join(_REGISTRY)}, torchvision:NAME (any "
+                        f"torchvision classification model) or python:path/to/file.py:factory")
+    key = (name, *(tuple(value) if isinstance(value, list) else value for value in options.values()))
+    if key not in _GENERIC:  # tracing a model takes a second: once per name and options
+        _GENERIC[key] = generic.make_spec(name, **options)
+    if weights is None:
+        return _GENERIC[key]
+    return generic.with_checkpoint_classes(_GENERIC[key], Path(weights).expanduser())
+
+
+_GENERIC: dict[tuple, ModelSpec] = {}
+
+
+def _listed(values):
+    return None if values is None else [float(v) for v in values]
 
 
 def _load_builtin() -> None:

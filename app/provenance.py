@@ -1,0 +1,38 @@
+"""The sidebar's provenance panel: where a store comes from, and each stage's own settings."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+PROVENANCE_KEYS = ("model", "description", "weights_sha256", "data_fingerprint", "num_images", "num_classes",
+                   "device", "precision", "code_version", "completed", "ablation_note")
+
+
+def stage_rows(records: dict[str, dict]) -> pd.DataFrame:
+    """One row per stage: its options (those that change its result), when it finished, how long it took."""
+    rows = []
+    for name, record in records.items():
+        options = record.get("options") or {}
+        rows.append({
+            "stage": name,
+            "options": ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) or "—",
+            "finished": record.get("finished", ""),
+            "seconds": record.get("seconds"),
+            "note": f"skipped: {record['skipped']}" if record.get("skipped") else "",
+        })
+    return pd.DataFrame(rows, columns=["stage", "options", "finished", "seconds", "note"])
+
+
+def show(info) -> None:
+    """Provenance attributes, then the stage table (stores written before per-stage records show finish times)."""
+    with st.sidebar.expander("Provenance"):
+        for key in PROVENANCE_KEYS:
+            if key in info.attrs:
+                st.caption(f"**{key}**: {info.attrs[key]}")
+        records = info.stage_records()
+        if records:
+            st.caption("**stages** (a rerun with other settings recomputes only the stages they change)")
+            st.dataframe(stage_rows(records), hide_index=True, width="stretch")
