@@ -1,21 +1,25 @@
 """Ablation engine against the naive way, in one run on one machine: unit-image evaluations per second.
 
     python bench/ablation.py [--device cpu|cuda] [--quick] [--images N] [--repeats N] [--max-memory GiB] [--threads N]
+                             [--only TEXT ...]
 
 The naive way removes one unit (its channel set to zero after the nonlinearity, which for conv + ReLU equals zeroing
 the conv's weight and bias) and runs the whole network over the images; it is timed on a sample of units and counted
 per unit-image. The engine runs the prefix once per image, the baseline, then every ablation of the sample of units
-through the tail (``AblationEngine.evaluate_units``), as the single-unit sweep does batch by batch. Models are randomly
-initialised (``random_model``), AlexNet and ResNet18 at 224x224, the demo CNN at 64x64.
+through the tail (``AblationEngine.evaluate_units`` with ``probabilities=False``: a sweep needs predictions only, so
+rows certified unchanged skip the tail), as the single-unit sweep does batch by batch. Models are randomly initialised
+(``random_model``), AlexNet and ResNet18 at 224x224, the demo CNN at 64x64; and the trained demo
+(``python -m compute.train``, weights under the data directory) on SynthScenes validation images rendered here.
 
 Printed per case: unit-image evaluations per second for both and their ratio, end to end (the engine's time includes
-the prefix, which caps the ratio near the number of units: ResNet18 layer4 has 512) and for the tail alone; the rows
-the engine computed (the rest were skipped as unchanged); the arithmetic rate (FLOPs counted by
-``torch.utils.flop_counter``) as a fraction of the machine's fp32 peak, measured with a large matmul in the same run;
-the peak memory of each side (on the CPU the rise of the process's peak resident set, reset before each side; on a
-GPU ``torch.cuda.max_memory_allocated``); and
-whether the engine's predictions equal the naive ones for every unit-image the naive side computed. On a GPU it also
-estimates the full AlexNet-Places365 conv5 sweep (256 units x 36,500 images).
+the prefix, which caps the ratio near the number of units: ResNet18 layer4 has 512) and for the tail alone; the
+end-to-end ratio of the engine without certificates (``probabilities=True``, the engine before certified skipping),
+timed in the same run; the shares of rows the engine computed and certified (the rest were skipped as unchanged);
+the arithmetic rate (FLOPs counted by ``torch.utils.flop_counter``) as a fraction of the machine's fp32 peak, measured
+with a large matmul in the same run; the peak memory of each side (on the CPU the rise of the process's peak resident
+set, reset before each side; on a GPU ``torch.cuda.max_memory_allocated``); and whether the engine's predictions
+equal the naive ones for every unit-image the naive side computed (and, every unit, the engine's without
+certificates). On a GPU it also estimates the full AlexNet-Places365 conv5 sweep (256 units x 36,500 images).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,6 +44,7 @@ from compute import ties  # noqa: E402
 from compute.engine import AblationEngine, single_unit_masks  # noqa: E402
 from compute.models import get_spec  # noqa: E402
 from compute.sequence import run_to, step_names, tail_of  # noqa: E402
+from bench import any_models  # noqa: E402
 
 PLACES_VAL_IMAGES = 36_500
 
@@ -49,10 +55,16 @@ class Case:
     layer: str
     engine_units: int | None  # units the engine sweeps (None: every unit)
     naive_units: int
+    trained: bool = False  # the trained demo on SynthScenes images, instead of random weights and images
+    images_factor: int = 1  # images of this case per --images (the demo is small: more images, steadier times)
 
 
+TRAINED = "demo (trained)"
 CASES = (
     Case("demo", "conv5", None, 4),
+    Case("demo", "conv3", None, 4, trained=True, images_factor=8),
+    Case("demo", "conv4", None, 4, trained=True, images_factor=8),
+    Case("demo", "conv5", None, 4, trained=True, images_factor=8),
     Case("alexnet-places", "conv3", 32, 2),
     Case("alexnet-places", "conv5", None, 2),
     Case("resnet18-places", "layer3", 16, 2),
@@ -89,6 +101,32 @@ def random_model(name: str, seed: int = 0, calibration: int = 8):
     classifier = [m for m in sequence.modules() if isinstance(m, nn.Linear)][-1]
     classifier.bias -= sequence(random_images(spec, calibration, seed + 1)).mean(0)
     return spec, model.eval(), sequence
+
+
+def trained_demo():
+    """(spec, model, step sequence) of the trained demo, or None when its weights are not there."""
+    from compute.errors import MissingWeights
+    from compute.paths import data_dir
+
+    spec = get_spec("demo")
+    try:
+        model, _ = spec.load(None, data_dir())
+    except MissingWeights:
+        return None
+    return spec, model, spec.to_sequence(model).eval()
+
+
+def synthscenes_images(spec, count: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` SynthScenes validation images (seed 0, classes in turn) normalised as the demo expects, and their
+    classes: rendered, so no data set needs to be on disk."""
+    from compute.data import synthscenes
+
+    classes = len(synthscenes.CLASSES)
+    pixels = [synthscenes.render(0, "val", i % classes, i // classes).rgb for i in range(count)]
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.preprocess.mean, spec.preprocess.std))
+    labels = torch.arange(count) % classes
+    return ((images - mean) / std).to(device), labels.to(device)
 
 
 @torch.no_grad()
@@ -187,14 +225,19 @@ def spread(total: int, count: int | None) -> torch.Tensor:
 @torch.no_grad()
 def run_case(case: Case, images_count: int, device: torch.device, quick: bool, repeats: int, max_memory: int,
              models: dict) -> dict:
-    """Time both sides of one case; ``models`` caches the random models between cases."""
-    if case.model not in models:
-        models[case.model] = random_model(case.model)
-    spec, _, sequence = models[case.model]
+    """Time both sides of one case; ``models`` caches the models between cases."""
+    key = TRAINED if case.trained else case.model
+    if key not in models:
+        models[key] = trained_demo() if case.trained else random_model(case.model)
+    spec, _, sequence = models[key]
     sequence = sequence.to(device)
     step = spec.layers[case.layer]
-    images = random_images(spec, images_count, seed=7, device=device)
-    labels = torch.zeros(images_count, dtype=torch.long, device=device)
+    images_count *= case.images_factor
+    if case.trained:
+        images, labels = synthscenes_images(spec, images_count, device)
+    else:
+        images = random_images(spec, images_count, seed=7, device=device)
+        labels = torch.zeros(images_count, dtype=torch.long, device=device)
     prefix = nn.Sequential(*list(sequence.children())[: step_names(sequence).index(step) + 1])
     engine = AblationEngine(tail_of(sequence, step), max_memory=max_memory)
     channels = run_to(sequence, images[:1], [step])[step].shape[1]
@@ -205,10 +248,10 @@ def run_case(case: Case, images_count: int, device: torch.device, quick: bool, r
 
     phases = []  # (prefix, tail) seconds of each engine call
 
-    def engine_sweep():
+    def engine_sweep(probabilities=False):
         prefix_seconds, acts = _timed(lambda: prefix(images), device)
-        tail_seconds, outcome = _timed(
-            lambda: engine.evaluate_units(acts, labels, masks, engine.baseline(acts, labels)), device)
+        tail_seconds, outcome = _timed(lambda: engine.evaluate_units(
+            acts, labels, masks, engine.baseline(acts, labels), probabilities=probabilities), device)
         phases.append((prefix_seconds, tail_seconds))
         return outcome.pred
 
@@ -216,16 +259,21 @@ def run_case(case: Case, images_count: int, device: torch.device, quick: bool, r
         return torch.stack([naive_predictions(sequence, step, int(u), images) for u in naive_units])
 
     e_seconds, e_flops, e_bytes, engine_pred = measure(engine_sweep, device, repeats)
+    computed, certified = engine.rows_computed, engine.rows_certified
+    tail_seconds = min(seconds for _, seconds in phases[-repeats:])  # the timed calls' phases
+    prefix_seconds = min(seconds for seconds, _ in phases[-repeats:])
+    u_seconds, _, _, uncertified_pred = measure(lambda: engine_sweep(probabilities=True), device, repeats)
     n_seconds, n_flops, n_bytes, naive_pred = measure(naive_sweep, device, repeats)
     position = {int(u): i for i, u in enumerate(units)}
-    agree = torch.equal(engine_pred[[position[int(u)] for u in naive_units]], naive_pred)
+    agree = (torch.equal(engine_pred[[position[int(u)] for u in naive_units]], naive_pred)
+             and torch.equal(engine_pred, uncertified_pred))
     e_evals, n_evals = len(units) * images_count, len(naive_units) * images_count
     return {
-        "case": f"{case.model} {case.layer}", "units": len(units), "images": images_count,
+        "case": f"{key} {case.layer}", "units": len(units), "images": images_count,
         "naive_rate": n_evals / n_seconds, "engine_rate": e_evals / e_seconds,
-        "ablation_rate": e_evals / min(seconds for _, seconds in phases[-repeats:]),  # the timed calls' phases
-        "prefix_rate": images_count / min(seconds for seconds, _ in phases[-repeats:]),
-        "computed": engine.rows_computed / e_evals, "naive_flops": n_flops / n_seconds,
+        "uncertified_rate": e_evals / u_seconds, "ablation_rate": e_evals / tail_seconds,
+        "prefix_rate": images_count / prefix_seconds, "computed": computed / e_evals,
+        "certified": certified / e_evals, "naive_flops": n_flops / n_seconds,
         "engine_flops": e_flops / e_seconds, "naive_bytes": n_bytes, "engine_bytes": e_bytes, "agree": agree,
     }
 
@@ -242,12 +290,13 @@ def machine(device: torch.device) -> str:
 
 def print_table(results: list[dict], peak: float) -> None:
     print(f"{'case':<23} {'units x images':>14} {'naive u-i/s':>11} {'engine u-i/s':>12} {'ratio':>7} "
-          f"{'tail-only u-i/s':>15} {'ratio':>7} {'computed':>8} {'naive %peak':>11} {'engine %peak':>12} "
-          f"{'naive MiB':>9} {'engine MiB':>10} agree")
+          f"{'tail-only u-i/s':>15} {'ratio':>7} {'no-cert ratio':>13} {'computed':>8} {'certified':>9} "
+          f"{'naive %peak':>11} {'engine %peak':>12} {'naive MiB':>9} {'engine MiB':>10} agree")
     for r in results:
         print(f"{r['case']:<23} {r['units']:>6} x {r['images']:<5} {r['naive_rate']:>11.1f} {r['engine_rate']:>12.1f} "
               f"{r['engine_rate'] / r['naive_rate']:>6.1f}x {r['ablation_rate']:>15.1f} "
-              f"{r['ablation_rate'] / r['naive_rate']:>6.0f}x {r['computed']:>8.0%} "
+              f"{r['ablation_rate'] / r['naive_rate']:>6.0f}x {r['uncertified_rate'] / r['naive_rate']:>12.1f}x "
+              f"{r['computed']:>8.0%} {r['certified']:>9.0%} "
               f"{r['naive_flops'] / peak:>11.1%} {r['engine_flops'] / peak:>12.1%} "
               f"{r['naive_bytes'] / 2**20:>9.0f} {r['engine_bytes'] / 2**20:>10.0f} {'yes' if r['agree'] else 'NO'}")
 
@@ -273,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement, fastest kept")
     parser.add_argument("--max-memory", type=float, default=1.0, help="GiB for one ablation chunk (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run the cases whose name (as printed, e.g. 'demo (trained) conv3') contains one of these")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -291,12 +342,27 @@ def main(argv=None) -> int:
     models: dict = {}
     results = []
     for case in CASES:
+        name = f"{TRAINED if case.trained else case.model} {case.layer}"
+        if args.only and not any(text in name for text in args.only):
+            continue
+        if case.trained and trained_demo() is None:
+            print(f"  {name}: skipped, no trained weights (python -m compute.train)", flush=True)
+            continue
         results.append(run_case(case, images, device, args.quick, repeats, int(args.max_memory * 2**30), models))
         print(f"  {results[-1]['case']}: done ({time.time() - started:.0f} s)", flush=True)
     print()
     print_table(results, peak)
-    if device.type == "cuda":
-        print(full_sweep_estimate(next(r for r in results if r["case"] == "alexnet-places conv5")))
+    others = [(name, layer) for name, layer in any_models.CASES
+              if not args.only or any(text in f"{name} {layer}" for text in args.only)]
+    if others:  # any torchvision CNN, split with torch.fx (compute.models.graph): 224 px, random weights
+        print()
+        rows = [any_models.measure(name, layer, images=2 if args.quick else 8, naive_units=2 if args.quick else 8,
+                                   repeats=repeats, device=args.device) for name, layer in others]
+        any_models.print_table(rows)
+        results += [{"agree": row["agree"]} for row in rows]
+    conv5 = [r for r in results if r["case"] == "alexnet-places conv5"]
+    if device.type == "cuda" and conv5:
+        print(full_sweep_estimate(conv5[0]))
     print(f"total {time.time() - started:.0f} s; machine at the end: {machine(device)}")
     return 0 if all(r["agree"] for r in results) else 1
 

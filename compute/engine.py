@@ -21,6 +21,11 @@ Where the work is cut, each cut leaving every prediction as the full computation
 * Directions. Removing direction q_j is zeroing coordinate j in the rotated basis z = Q^T a; where the per-channel
   steps are linear (average pooling, identity) they commute with the rotation, so the same update runs with the
   entry's weight rotated, ``L Q``.
+* Certified rows. A caller that needs only predictions passes ``probabilities=False``. Then, on a shortcut, a row
+  whose baseline top-two margins exceed a proven bound on how far the ablation can move them keeps the baseline's
+  prediction and the rest of the tail does not run for it (``_Certificate``): the bound is the exact change of the
+  first activation after the entry, times certified operator norms of the later steps, times the distances between
+  the last layer's rows. Rows near the bound are computed, not guessed. ``rows_certified`` counts them.
 * Chunks. Rows run in chunks sized so that one chunk's tensors stay within ``max_memory`` bytes.
 
 Floating point: the update is summed in a different order than the full product, so logits may differ in the last
@@ -40,19 +45,34 @@ must keep TF32 off (``torch.backends.cudnn.allow_tf32 = False``, as ``compute.al
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from compute import ties
-from compute.sequence import step_names
 
 _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU, nn.Identity,
                 nn.Dropout, nn.Dropout2d)
 _LINEAR_POOL = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout, nn.Dropout2d)
+# Steps right after the entry that a certificate applies exactly to both the baseline and the ablated row: cheap,
+# elementwise (in eval mode), so the change it measures is the change of the first activation itself.
+_ELEMENTWISE = (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+# Relative allowance on a computed operator norm for its own rounding: a float64 eigenvalue or singular value of an
+# n x n product is within about n^2 * 2^-53 of the exact one relative to the largest (backward stability), under 3e-8
+# for n <= 16384.
+_NORM_SAFETY = 1e-6
+# Relative allowance on the float32 norm of a row's change for its rounding (n 2^-24 for a sum of n squares, 6e-4 at
+# n = 9216 in the worst case, far less in practice; the near-tie band takes the rest, as for every float32 margin).
+_CHANGE_SAFETY = 1e-3
+# Certified rows are entered and checked in pieces of about this many bytes of state: small enough to stay in cache
+# over the several elementwise passes a check makes (on whole 1 GiB chunks they made the check cost more than it saved).
+_PIECE_BYTES = 4 << 20
 
 
 @dataclass
@@ -60,27 +80,34 @@ class Outcome:
     """Predicted class and probability of the true class, per (ablation, image)."""
 
     pred: torch.Tensor  # [S, B] int64
-    true_prob: torch.Tensor  # [S, B] float32
+    true_prob: torch.Tensor | None  # [S, B] float32; None when the call asked for predictions only
 
 
 @dataclass
 class _Rows:
-    """How to compute chunks of rows (sorted by ablation): float32 logits, float64 logits with their rounding bounds
-    for settling near-ties (``compute.ties``), and the memory a chunk needs per row and per distinct ablation in it."""
+    """How to compute chunks of rows (sorted by ablation): float32 logits in two halves (``enter``: rows -> the state
+    after the shortcut, ``finish``: state -> logits), float64 logits with their rounding bounds for settling near-ties
+    (``compute.ties``), the memory a chunk needs per row and per distinct ablation in it, and ``certified`` (rows,
+    state) -> rows proven to keep the baseline's prediction, where a certificate exists."""
 
-    logits: Callable[[torch.Tensor], torch.Tensor]
+    enter: Callable[[torch.Tensor], torch.Tensor]
+    finish: Callable[[torch.Tensor], torch.Tensor]
     exact: Callable[[torch.Tensor], torch.Tensor]
     row_bytes: int
     ablation_bytes: int = 0
+    certified: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    state_bytes: int = 0  # of one row's state, for sizing the pieces certified at once
 
 
 class AblationEngine:
     """Tail of a network after one layer, evaluated under unit or direction ablations.
 
     ``max_memory`` bounds the bytes of the intermediate tensors one chunk of rows may use; rows are streamed in chunks
-    of that size, so any number of ablations fits. ``rows_computed`` counts the rows the last call did not skip.
-    Kept between calls: a Linear entry's weight ordered by input channel (151 MB for AlexNet's fc6) and, once a
-    near-tie needs it, a float64 copy of the tail.
+    of that size, so any number of ablations fits. Of the last call's rows, ``rows_computed`` ran the tail and
+    ``rows_certified`` were proven unchanged without it; the others were skipped as unchanged (every ablated unit zero
+    on the image). Kept between calls: a Linear entry's weight ordered by input channel (151 MB for AlexNet's fc6),
+    once a near-tie needs it a float64 copy of the tail, and once a call certifies, the certificate per input shape
+    (its operator norms cost a few seconds for AlexNet's 4096-wide layers, once).
     """
 
     def __init__(self, tail: nn.Sequential, max_memory: int = 1 << 30, margin_tol: float = 1e-3,
@@ -90,7 +117,9 @@ class AblationEngine:
         self.margin_tol = float(margin_tol)
         self.device = next((p.device for p in tail.parameters()), torch.device("cpu"))
         self.rows_computed = 0
+        self.rows_certified = 0
         self._tail64 = None
+        self._certificates: dict = {}
         self._row_bytes: dict = {}
         self._unit_table = None
         self._split_entry(use_shortcuts)
@@ -136,11 +165,12 @@ class AblationEngine:
 
     @torch.no_grad()
     def evaluate_units(self, acts: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-                       base: Outcome | None = None) -> Outcome:
+                       base: Outcome | None = None, *, probabilities: bool = True) -> Outcome:
         """Predictions with the units where ``masks[s]`` is True set to zero, for each of the S masks [S, C].
 
         Single-unit masks take the fastest path; greedy ablation should zero its chosen units in ``acts`` and pass
-        single-unit masks for the candidates.
+        single-unit masks for the candidates. ``probabilities=False``: predictions only (``true_prob`` is None), which
+        lets certified rows skip the tail.
         """
         acts = acts.to(self.device)
         labels = labels.to(self.device)
@@ -155,18 +185,20 @@ class AblationEngine:
 
         if self.entry is not None:
             pooled = self.pool(acts)
-            rows = self._entry_rows(pooled, pooled, self._entry_weight(pooled), _selections(masks))
+            rows = self._entry_rows(pooled, pooled, self._entry_weight(pooled), _selections(masks),
+                                    None if probabilities else base.pred)
         else:
             rows = self._full_rows(edit, acts)
-        return self._evaluate(changed, labels, base, rows)
+        return self._evaluate(changed, labels, base, rows, probabilities)
 
     @torch.no_grad()
     def evaluate_directions(self, acts: torch.Tensor, labels: torch.Tensor, rotation: torch.Tensor,
-                            directions: torch.Tensor, base: Outcome | None = None) -> Outcome:
+                            directions: torch.Tensor, base: Outcome | None = None, *,
+                            probabilities: bool = True) -> Outcome:
         """Predictions with direction ``rotation[:, j]`` projected out of every position, for each j in directions.
 
         ``rotation`` is an orthogonal [C, C] matrix; removing coordinate j in the rotated basis z = Q^T a and rotating
-        back gives a' = a - q_j (q_j^T a).
+        back gives a' = a - q_j (q_j^T a). ``probabilities`` as in ``evaluate_units``.
         """
         acts = acts.to(self.device)
         labels = labels.to(self.device)
@@ -183,10 +215,11 @@ class AblationEngine:
             pooled = self.pool(acts)
             rotated = torch.einsum("bc...,cs->bs...", pooled, q)  # the pooled coordinates along each direction
             weight = torch.einsum("c...,cs->s...", self._entry_weight(pooled), q)
-            rows = self._entry_rows(pooled, rotated, weight, [slice(s, s + 1) for s in range(q.shape[1])])
+            rows = self._entry_rows(pooled, rotated, weight, [slice(s, s + 1) for s in range(q.shape[1])],
+                                    None if probabilities else base.pred)
         else:
             rows = self._full_rows(edit, acts)
-        return self._evaluate(changed, labels, base, rows)
+        return self._evaluate(changed, labels, base, rows, probabilities)
 
     def tail64(self) -> nn.Sequential:
         """A float64 copy of the tail, made on first need, for deciding near-ties."""
@@ -210,22 +243,25 @@ class AblationEngine:
     def _entry_output(self, entry: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
         return entry(pooled.flatten(1) if self.has_shortcut else pooled)
 
-    def _entry_rows(self, pooled, source, weight, selections) -> _Rows:
+    def _entry_rows(self, pooled, source, weight, selections, base_pred=None) -> _Rows:
         """Rows as ``L(x) - L_m(x_m)`` followed by the rest of the tail.
 
         ``source`` [B, N, ...] holds the channels ablations remove (units, or rotated coordinates), ``weight``
         [N, ...] the entry's weight by those channels (as ``_entry_weight``), and ``selections[s]`` the channels
-        ablation s removes.
+        ablation s removes. With ``base_pred`` (the baseline's predictions [B]) rows are certified where a
+        certificate exists; the state between ``enter`` and ``finish`` is then the first activation after the entry.
         """
         full = self._entry_output(self.entry, pooled)  # [B, O, ...]
         one_each = all(isinstance(chosen, slice) for chosen in selections)  # one channel per ablation
         single = one_each and self.has_shortcut
         starts = torch.tensor([chosen.start for chosen in selections], device=self.device) if one_each else None
+        certificate = self._certificate(full) if base_pred is not None else None
+        lead, after = (certificate.lead, certificate.after) if certificate else (nn.Sequential(), self.rest)
 
-        def logits(rows):
+        def enter(rows):
             if single:
-                return self.rest(_updated_single(rows, full, source, weight, starts))
-            return self.rest(full[rows[:, 1]] - self._removed_each(rows, source, weight, selections, full.dtype))
+                return lead(_updated_single(rows, full, source, weight, starts))
+            return lead(full[rows[:, 1]] - self._removed_each(rows, source, weight, selections, full.dtype))
 
         def removed64(rows, source=source, weight=weight):
             if one_each:
@@ -257,7 +293,9 @@ class AblationEngine:
         ablation_bytes = (len(source) + weight.shape[1]) * weight.shape[-1] * weight.element_size() if single else 0
         # A float64 row holds its gathered weights, and twice what a float32 row holds.
         exact_row_bytes = 2 * (weight[0].numel() * weight.element_size() + row_bytes)
-        return _Rows(logits, exact, row_bytes, ablation_bytes)
+        # The rest may start with an in-place ReLU (AlexNet's): its baseline logits come from a copy of ``full``.
+        certified = certificate.rows(full, self.rest(full.clone()), base_pred, self.margin_tol) if certificate else None
+        return _Rows(enter, after, exact, row_bytes, ablation_bytes, certified, full[0].numel() * full.element_size())
 
     def _removed_rows(self, rows, source, weight, starts, dtype) -> torch.Tensor:
         """``L_m(x_m)`` per row for one channel per ablation, all rows at once: each row's channel map and its weights
@@ -292,8 +330,16 @@ class AblationEngine:
 
     def _full_rows(self, edit, acts) -> _Rows:
         row_bytes = acts[0].numel() * acts.element_size() + self._peak_bytes("tail", self.tail, acts[:1])
-        return _Rows(lambda rows: self.tail(edit(rows)),
-                     lambda rows: ties.logits_and_bound(self.tail64(), edit(rows).double()), row_bytes)
+        return _Rows(edit, self.tail, lambda rows: ties.logits_and_bound(self.tail64(), edit(rows).double()),
+                     row_bytes)
+
+    def _certificate(self, full: torch.Tensor) -> _Certificate | None:
+        """The certificate of the rest of the tail for entry outputs shaped like ``full``'s rows, made once per
+        shape; None where the rest has none (empty: the entry gives the logits; or a step without a bound)."""
+        key = tuple(full.shape[1:])
+        if key not in self._certificates:
+            self._certificates[key] = _Certificate.of(self.rest, full[:1])
+        return self._certificates[key]
 
     def _peak_bytes(self, name: str, steps: nn.Sequential, example: torch.Tensor) -> int:
         """Bytes one row holds at the busiest step of ``steps`` (its input and output, doubled for the temporaries
@@ -309,17 +355,39 @@ class AblationEngine:
         return self._row_bytes[key]
 
     # -- shared machinery --------------------------------------------------------------------------------------
-    def _evaluate(self, changed: torch.Tensor, labels: torch.Tensor, base: Outcome, rows_of: _Rows) -> Outcome:
-        """Baseline outcome for unchanged rows; the others computed chunk by chunk."""
+    def _evaluate(self, changed: torch.Tensor, labels: torch.Tensor, base: Outcome, rows_of: _Rows,
+                  probabilities: bool = True) -> Outcome:
+        """Baseline outcome for unchanged and certified rows; the others computed chunk by chunk."""
         pred = base.pred.unsqueeze(0).repeat(changed.shape[0], 1)
-        prob = base.true_prob.unsqueeze(0).repeat(changed.shape[0], 1)
+        prob = base.true_prob.unsqueeze(0).repeat(changed.shape[0], 1) if probabilities else None
         rows = changed.nonzero(as_tuple=False)  # [R, 2] of (s, b), sorted by s
-        self.rows_computed = len(rows)
-        for part in self._chunks(rows, rows_of):
-            outcome = self._decide(rows_of.logits(part), labels[part[:, 1]], lambda close: rows_of.exact(part[close]))
+        self.rows_certified = 0
+        for chunk in self._chunks(rows, rows_of):
+            part, state = self._enter(chunk, rows_of)
+            self.rows_certified += len(chunk) - len(part)
+            if not len(part):
+                continue
+            outcome = self._decide(rows_of.finish(state), labels[part[:, 1]],
+                                   lambda close: rows_of.exact(part[close]))
             pred[part[:, 0], part[:, 1]] = outcome.pred
-            prob[part[:, 0], part[:, 1]] = outcome.true_prob
+            if probabilities:
+                prob[part[:, 0], part[:, 1]] = outcome.true_prob
+        self.rows_computed = len(rows) - self.rows_certified
         return Outcome(pred, prob)
+
+    @staticmethod
+    def _enter(chunk: torch.Tensor, rows_of: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``chunk`` left to compute and their states: all of them, or those not certified, entered and
+        checked piece by piece (``_PIECE_BYTES``)."""
+        if rows_of.certified is None:
+            return chunk, rows_of.enter(chunk)
+        kept, states = [], []
+        for piece in chunk.split(max(1, _PIECE_BYTES // rows_of.state_bytes)):
+            state = rows_of.enter(piece)
+            keep = ~rows_of.certified(piece, state)
+            kept.append(piece[keep])
+            states.append(state[keep])
+        return torch.cat(kept), torch.cat(states)
 
     def _chunks(self, rows: torch.Tensor, rows_of: _Rows) -> tuple:
         """Consecutive pieces of ``rows`` whose estimated memory stays within ``max_memory`` (a row or an ablation
@@ -343,6 +411,164 @@ class AblationEngine:
             pred[close] = ties.lowest_of_tied(settled, bound)
             prob[close] = torch.softmax(settled, 1).gather(1, labels[close][:, None]).squeeze(1).float()
         return Outcome(pred, prob)
+
+class _Certificate:
+    """A proof that an ablation leaves a row's prediction alone, for a rest of the tail ``lead -> middle -> head``.
+
+    ``lead`` is the elementwise steps right after the entry, applied exactly to the baseline and the ablated row; the
+    ``middle`` steps have certified Lipschitz bounds in the Euclidean norm (their product ``lipschitz``); ``head`` is
+    the last Linear, z = W h + b. If the first activation (``lead``'s output) moves by d, h moves by at most
+    ``lipschitz * ||d||``, so the difference z_top - z_j moves by at most ||w_top - w_j|| * lipschitz * ||d|| and each
+    logit by at most ||w_k|| * lipschitz * ||d|| (Cauchy-Schwarz).
+
+    A row is certified when, for every class j, its baseline margin less that bound stays above the near-tie band
+    of ``compute.ties`` (``margin_tol`` times the largest absolute logit the ablated row can reach, at least 1). The
+    ablated row's exact top-two margin then exceeds the band, where the engine and the reference decide by value:
+    the prediction is the baseline's. The float32 rounding of the margins and of d is what the band is there for,
+    as everywhere in the engine (float64 only decides inside it); rows near the bound simply run the tail.
+    """
+
+    def __init__(self, lead: nn.Sequential, after: nn.Sequential, lipschitz: float, head: nn.Linear):
+        self.lead, self.after, self.lipschitz = lead, after, lipschitz
+        weight = head.weight.detach().double()
+        self.distances = torch.cdist(weight, weight) * (1 + _NORM_SAFETY)  # ||w_i - w_j||, [K, K]
+        self.largest_row = float(weight.norm(dim=1).max()) * (1 + _NORM_SAFETY)
+
+    @classmethod
+    def of(cls, rest: nn.Sequential, example: torch.Tensor) -> _Certificate | None:
+        """The certificate of ``rest`` for inputs shaped like ``example`` (one row), or None: ``rest`` does not end in
+        a Linear, or a step in between has no bound."""
+        steps = list(rest.children())
+        if not steps or not isinstance(steps[-1], nn.Linear):
+            return None
+        count = 0
+        while count < len(steps) - 1 and isinstance(steps[count], _ELEMENTWISE):
+            count += 1
+        lead = nn.Sequential(*steps[:count])
+        lipschitz = _lipschitz(nn.Sequential(*steps[count:-1]), lead(example.clone()))
+        if lipschitz is None:
+            return None
+        return cls(lead, nn.Sequential(*steps[count:]), lipschitz, steps[-1])
+
+    def radius(self, logits: torch.Tensor, base_pred: torch.Tensor, margin_tol: float) -> torch.Tensor:
+        """Per image [B], how far (Euclidean) the first activation may move with the prediction provably kept.
+
+        With t = lipschitz * ||d||, margins m_j, distances a_j = ||w_top - w_j||, largest absolute logit S and largest
+        row norm w, the row is certified when m_j - a_j t > margin_tol * max(S + w t, 1) for every j != top, that is
+        t < (m_j - margin_tol S) / (a_j + margin_tol w) and t < (m_j - margin_tol) / a_j. An image whose baseline was
+        not decided by value (``base_pred`` differs from these logits' argmax) gets no radius.
+        """
+        logits = logits.double()
+        top = logits.argmax(1, keepdim=True)
+        margin = logits.gather(1, top) - logits  # [B, K]
+        spread = self.distances.to(logits.device)[top.squeeze(1)]  # [B, K]
+        scale = torch.maximum(logits.gather(1, top), -logits.amin(1, keepdim=True))
+        relative = (margin - margin_tol * scale) / (spread + margin_tol * self.largest_row)
+        absolute = (margin - margin_tol) / spread  # +inf where the difference of two classes cannot move
+        reach = torch.minimum(relative, absolute).nan_to_num(nan=-math.inf).scatter(1, top, math.inf)
+        radius = reach.amin(1) / self.lipschitz
+        return torch.where(top.squeeze(1) == base_pred, radius, -math.inf)
+
+    def rows(self, full: torch.Tensor, logits: torch.Tensor, base_pred: torch.Tensor, margin_tol: float):
+        """``certified(rows, state)`` for ``_Rows``, from the entry's baseline output ``full`` [B, ...] and its
+        logits: rows whose first activation ``state`` moved less than their image's radius. None when no image has a
+        radius (no row could be certified: the checks would only cost)."""
+        radius = self.radius(logits, base_pred, margin_tol)
+        if not bool((radius > 0).any()):
+            return None
+        first = self.lead(full.clone())  # a copy: a lead ReLU may work in place
+
+        def certified(rows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+            change = (state - first[rows[:, 1]]).flatten(1).norm(dim=1).double()
+            return change * (1 + _CHANGE_SAFETY) < radius[rows[:, 1]]
+
+        return certified
+
+
+def _lipschitz(step: nn.Module, example: torch.Tensor) -> float | None:
+    """A certified upper bound on the Euclidean Lipschitz constant of ``step`` (eval mode) on inputs shaped like
+    ``example``; None for a step this does not know."""
+    if isinstance(step, nn.Sequential):
+        bound = 1.0
+        for inner in step.children():
+            inner_bound = _lipschitz(inner, example)
+            if inner_bound is None:
+                return None
+            bound *= inner_bound
+            example = inner(example)
+        return bound
+    if isinstance(step, (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)):
+        return 1.0
+    if isinstance(step, (nn.BatchNorm1d, nn.BatchNorm2d)) and step.running_var is not None:
+        return float(_batchnorm_scale(step).abs().max())
+    if isinstance(step, nn.Linear):
+        return _spectral_norm(step.weight)
+    if _plain_conv(step):
+        return _conv_norm(step, example.shape[-2:])
+    if isinstance(step, _POOLS) and getattr(step, "divisor_override", None) is None:
+        return math.sqrt(_windows_per_input(step, example.shape[-2:], step(example).shape[-2:]))
+    return None
+
+
+def _batchnorm_scale(norm: nn.Module) -> torch.Tensor:
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    return scale * norm.weight.detach().double() if norm.affine else scale
+
+
+def _spectral_norm(matrix: torch.Tensor) -> float:
+    """The largest singular value of ``matrix`` (flattened to 2-D), as a certified upper bound: the square root of the
+    largest eigenvalue of its smaller Gram matrix, in float64, enlarged by ``_NORM_SAFETY`` for that rounding.
+
+    A direct eigensolver, not power iteration: power iteration approaches the norm from below, and a few seconds once
+    (AlexNet's fc6, 9216 x 4096) buy a bound that holds without a convergence argument."""
+    m = matrix.detach().double().flatten(1)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0)) * (1 + _NORM_SAFETY)
+
+
+def _conv_norm(conv: nn.Conv2d, size) -> float:
+    """A certified upper bound on the operator norm of a zero-padded convolution on inputs of spatial ``size``.
+
+    Placed on a torus at least as wide as the padded input, the stride-1 convolution never wraps around, so it is the
+    circular convolution on that torus restricted to an embedded input and to some outputs (and a stride only drops
+    outputs): its norm is at most the circular one, which is the largest singular value, over the torus'
+    frequencies, of the kernel's Fourier transform, an [out, in] matrix per frequency (Sedghi et al., 2019). A real
+    kernel's transform at -f is the conjugate of that at f, so half the frequencies (``rfft2``) cover them all.
+    """
+    weight = conv.weight.detach().double()
+    spans = [d * (k - 1) + 1 for d, k in zip(conv.dilation, weight.shape[2:])]
+    pads = spans if isinstance(conv.padding, str) else [2 * p for p in conv.padding]
+    grid = [max(n + p, span) for n, p, span in zip(size, pads, spans)]
+    taps = weight.new_zeros(*weight.shape[:2], *grid)
+    taps[:, :, :spans[0]:conv.dilation[0], :spans[1]:conv.dilation[1]] = weight
+    spectrum = torch.fft.rfft2(taps).permute(2, 3, 0, 1)
+    return float(torch.linalg.matrix_norm(spectrum, ord=2).max()) * (1 + _NORM_SAFETY)
+
+
+def _windows_per_input(pool: nn.Module, size_in, size_out) -> int:
+    """The most windows of ``pool`` that one input element lies in. A pool's Euclidean Lipschitz bound is its square
+    root: the max, or the mean, of a window moves by at most the largest change in it, and each change is counted
+    in that many windows."""
+    most = 1
+    for dim, (n_in, n_out) in enumerate(zip(size_in, size_out)):
+        counts = [0] * n_in
+        for i in range(n_out):
+            for position in _window(pool, dim, i, n_in, n_out):
+                if 0 <= position < n_in:
+                    counts[position] += 1
+        most *= max(counts)
+    return most
+
+
+def _window(pool: nn.Module, dim: int, i: int, n_in: int, n_out: int) -> range:
+    """Input positions (along ``dim``, padding included) of output ``i``'s window."""
+    if isinstance(pool, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
+        return range(i * n_in // n_out, -(-(i + 1) * n_in // n_out))
+    kernel, stride, padding, dilation = (_pair(getattr(pool, name, 1))[dim]
+                                         for name in ("kernel_size", "stride", "padding", "dilation"))
+    start = i * stride - padding
+    return range(start, start + dilation * (kernel - 1) + 1, dilation)
+
 
 def _updated_single(rows, full, source, weight, starts) -> torch.Tensor:
     """``L(x) - L_m(x_m)`` per row when every ablation removes one channel and ``L`` is a Linear: one batched product
@@ -386,11 +612,3 @@ def _selections(masks: torch.Tensor) -> list:
 
 def single_unit_masks(units: int, device=None) -> torch.Tensor:
     return torch.eye(units, dtype=torch.bool, device=device)
-
-
-def make_engine(sequence: nn.Sequential, step: str, **kwargs) -> AblationEngine:
-    from compute.sequence import tail_of
-
-    if step not in step_names(sequence):
-        raise KeyError(step)
-    return AblationEngine(tail_of(sequence, step), **kwargs)

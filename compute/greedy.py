@@ -146,7 +146,7 @@ def ablation_paths(engine: AblationEngine, acts: torch.Tensor, labels: torch.Ten
     masks = prefix_masks(orders, acts.shape[1])
     if not masks.shape[0]:
         return torch.zeros(masks.shape[:2] + (len(labels),), dtype=torch.long)
-    outcome = engine.evaluate_units(acts, labels, masks.flatten(0, 1))
+    outcome = engine.evaluate_units(acts, labels, masks.flatten(0, 1), probabilities=False)
     return outcome.pred.reshape(masks.shape[0], masks.shape[1], -1)
 
 

@@ -133,7 +133,8 @@ class LiveSession:
             for part, acts in self.acts.blocks():
                 base = self.engine.baseline(acts, self.labels[part])
                 before.append(base.pred.cpu())
-                after.append(self.engine.evaluate_units(acts, self.labels[part], mask, base).pred[0].cpu())
+                after.append(self.engine.evaluate_units(acts, self.labels[part], mask, base,
+                                                        probabilities=False).pred[0].cpu())
         return torch.cat(before), torch.cat(after)
 
     def path_outcome(self, order) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:

@@ -50,7 +50,7 @@ def sweep(ctx, layer: str, rotations: list[torch.Tensor], directions=None) -> li
         onehot = torch.nn.functional.one_hot(labels, k).double()
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
         for r, rotation in enumerate(rotations):
-            outcome = engine.evaluate_directions(acts[layer], labels, rotation, directions, base)
+            outcome = engine.evaluate_directions(acts[layer], labels, rotation, directions, base, probabilities=False)
             batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
             lost[r] += batch_lost.cpu().numpy()
             gained[r] += batch_gained.cpu().numpy()

@@ -24,12 +24,6 @@ def tail_of(sequence: nn.Sequential, step: str) -> nn.Sequential:
     return nn.Sequential(OrderedDict(list(sequence.named_children())[position + 1:]))
 
 
-def prefix_of(sequence: nn.Sequential, step: str) -> nn.Sequential:
-    names = step_names(sequence)
-    position = names.index(step)
-    return nn.Sequential(OrderedDict(list(sequence.named_children())[: position + 1]))
-
-
 @torch.no_grad()
 def run_to(sequence: nn.Sequential, images: torch.Tensor, steps: list[str], run_all: bool = False) -> dict[str, torch.Tensor]:
     """Outputs of the named steps for a batch; stops after the last one asked for (or gives 'logits' if run_all)."""

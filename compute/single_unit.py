@@ -34,7 +34,8 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
     rows = []
     for acts, labels, indices in ctx.activations([layer], desc=f"ablating {layer} ({len(units)} units)"):
         base = engine.baseline(acts[layer], labels)
-        outcome = engine.evaluate_units(acts[layer], labels, masks, base)
+        # predictions alone: rows whose prediction is certified unchanged skip the tail (compute.engine)
+        outcome = engine.evaluate_units(acts[layer], labels, masks, base, probabilities=False)
         onehot = torch.nn.functional.one_hot(labels, k).double()
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
         batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)

@@ -116,3 +116,20 @@ def test_resnet_layer4_directions_equal_projection(resnet):
             edited = acts - qj[None, :, None, None] * torch.einsum("bchw,c->bhw", acts, qj)[:, None]
             assert torch.equal(outcome.pred[row], ties.predict(tail, edited)), f"direction {int(j)}"
     assert (outcome.pred != labels).any()
+
+
+def test_alexnet_conv5_predictions_only_equal_zeroed_weights(alexnet):
+    """With ``probabilities=False`` rows may be certified and skip the tail (the ReLUs after fc6 work in place):
+    predictions stay those of the full path and of the zeroed network."""
+    spec, model, sequence = alexnet
+    images = random_images(spec, IMAGES, seed=11)
+    step = spec.layers["conv5"]
+    acts = run_to(sequence, images, [step])[step]
+    labels = sequence(images).argmax(1).detach()
+    engine = AblationEngine(tail_of(sequence, step))
+    masks = single_unit_masks(acts.shape[1])
+    full = engine.evaluate_units(acts, labels, masks)
+    only = engine.evaluate_units(acts, labels, masks, probabilities=False)
+    assert torch.equal(only.pred, full.pred)
+    for unit in sample_units(only, labels, np.arange(acts.shape[1]), 4):
+        assert torch.equal(only.pred[unit], zeroed_weights(model, spec.unit_weights["conv5"], int(unit), images)[1])

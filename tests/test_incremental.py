@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, small_run_options
+from tests.conftest import small_run_options
 
 
 def contents(path: Path) -> dict:

@@ -72,6 +72,8 @@ def l1_attrs(store, layer: str) -> dict:
 def l1_note(store, layer: str) -> str | None:
     """A line saying the layer's L1 is BN-folded, where its store says so (older stores do not say: no line)."""
     attrs = l1_attrs(store, layer)
+    if attrs.get("not_applicable"):
+        return f"L1 is not applicable to {layer}: {attrs.get('definition', 'no conv writes its channels')}."
     bn = folded_l1(attrs)
     if not bn:
         return None

@@ -69,9 +69,11 @@ def evidence(store, layer: str, unit: int) -> dict | None:
 def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tuple[str, str]]:
     rows = []
     if store.has_section(layer, "attributes"):
-        label = "BN-folded L1 norm" if folded_l1(loaders.group_attrs(store.path, f"layers/{layer}/attributes/l1")) \
-            else "L1 norm"
-        rows.append((label, f"{float(loaders.layer_array(store.path, layer, 'attributes', 'l1', unit)):.3f}"))
+        l1_attrs = loaders.group_attrs(store.path, f"layers/{layer}/attributes/l1")
+        label = "BN-folded L1 norm" if folded_l1(l1_attrs) else "L1 norm"
+        l1 = float(loaders.layer_array(store.path, layer, 'attributes', 'l1', unit))
+        rows.append((label, "not applicable (no conv writes this layer's channels)" if l1_attrs.get("not_applicable")
+                     else f"{l1:.3f}"))
         for name, label in (("selectivity", "class selectivity"), ("correlation", "class correlation")):
             vector = loaders.layer_array(store.path, layer, "attributes", name, unit)
             best = int(np.argmax(vector))
