@@ -10,7 +10,10 @@ import streamlit as st
 
 from app import loaders
 from figures import render as render_chart
-from store import StoreError
+from store import StoreError, list_stores
+from store import progress
+
+PROGRESS_SECONDS = 5  # how often the runs in progress are read again while a page is open
 
 
 def _open_chosen(state_key: str):
@@ -29,6 +32,61 @@ def current_store():
                 "`python -m compute.all --model demo`, then reload.")
         return None
     return _open_chosen("store_path")
+
+
+# -- runs in progress ------------------------------------------------------------------------------------------------
+def runs_panel(directory: Path, listed: list[str]) -> None:
+    """The runs in progress in the store directory (sidebar), refreshed every PROGRESS_SECONDS while any is alive;
+    ``listed`` are the stores the page was drawn with. Nothing when no run is in progress."""
+    lines, active = progress.summary(directory)
+    if active:
+        _live_runs(str(directory), listed)
+    elif lines:
+        _show_runs(lines)
+
+
+def _show_runs(lines: list[str]) -> None:
+    st.caption("Computing in the background")
+    st.caption("  \n".join(lines))
+
+
+@st.fragment(run_every=PROGRESS_SECONDS)
+def _live_runs(directory: str, listed: list[str]) -> None:
+    """Reruns alone every few seconds; the whole app reruns when a store has landed (so every picker offers it) or
+    when nothing runs any more (so the polling stops)."""
+    lines, active = progress.summary(directory)
+    if [str(path) for path in list_stores(directory)] != listed or not active:
+        loaders.available_stores.clear()  # else the rerun could read the listing of a few seconds ago
+        st.rerun()
+    _show_runs(lines)
+
+
+def coming_notes(names: list[str], what: str, table: bool = False) -> bool:
+    """Say, refreshed while the page is open, how far each store of ``names`` is that is still being computed (and
+    with ``table`` the prediction table); ``what`` says what they are for. False when none is computed or queued."""
+    directory = str(loaders.store_directory())
+    if not _notes(directory, names, table):
+        return False
+    if progress.summary(directory)[1]:
+        _coming(directory, names, what, table)
+    else:  # stopped: nothing will change until the work is restarted, so nothing to refresh
+        _show_coming(directory, names, what, table)
+    return True
+
+
+def _notes(directory: str, names: list[str], table: bool) -> list[str]:
+    notes = [progress.coming(directory, name) for name in names] + ([progress.table_coming(directory)] if table else [])
+    return [note for note in notes if note]
+
+
+def _show_coming(directory: str, names: list[str], what: str, table: bool) -> None:
+    notes = _notes(directory, names, table)
+    st.info(f"{what}  \n" + "  \n".join(f"- {note}" for note in notes), icon=":material/hourglass_top:")
+
+
+@st.fragment(run_every=PROGRESS_SECONDS)
+def _coming(directory: str, names: list[str], what: str, table: bool) -> None:
+    _show_coming(directory, names, what, table)
 
 
 def _marker(key: str) -> str:

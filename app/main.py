@@ -12,8 +12,8 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from app import loaders  # noqa: E402
-from app.common import linked_select  # noqa: E402
+from app import loaders, provenance  # noqa: E402
+from app.common import linked_select, runs_panel  # noqa: E402
 
 # One file per page under app/views/, not app/pages/: Streamlit treats a pages/ folder beside the entry point as an
 # old-style multipage app until some session has run main.py, so a link opened first on a fresh server would run the
@@ -31,15 +31,30 @@ PAGES = [
 ]
 
 
-def pick(label: str, paths: list[str], labels: dict, param: str, key: str, optional: bool = False) -> str | None:
+NONE = ""  # "Compare with: none". Not None: a selectbox shows a value of None as no choice ("Choose an option")
+
+
+def pick(label: str, paths: list[str], labels: dict, param: str, key: str, optional: bool = False,
+         default: int = 0) -> str | None:
     """A sidebar store picker bound to query parameter ``param``: the link names a store by its file stem only, and
     only stores listed in the store directory can be chosen, so no path from the browser reaches the file system."""
     wanted = st.query_params.get(param)
     if wanted and wanted not in {Path(p).stem for p in paths}:
         st.sidebar.warning(f"No store named {wanted[:80]!r} in the store directory; showing another.")
-    options = ([None] if optional else []) + paths
-    return linked_select(label, options, param, key, text=lambda p: Path(p).stem, container=st.sidebar,
-                         format_func=lambda p: "none" if p is None else labels[p])
+    options = ([NONE] if optional else []) + paths
+    chosen = linked_select(label, options, param, key, default=default, text=lambda p: Path(p).stem if p else "",
+                           container=st.sidebar, format_func=lambda p: labels[p] if p else "none")
+    return chosen or None
+
+
+def default_store(paths: list[str]) -> int:
+    """The store a visitor without a link sees first: the newest, but not one the first run's background work wrote
+    for the Variants and Predicting pages (those hold only the stages those pages read)."""
+    from store.progress import suite_status
+
+    suite = suite_status(loaders.store_directory())
+    background = {name for name, _ in suite.stores} if suite else set()
+    return next((i for i, path in enumerate(paths) if Path(path).stem not in background), 0)
 
 
 def store_picker() -> None:
@@ -51,13 +66,15 @@ def store_picker() -> None:
         st.session_state.pop("store_path", None)
         st.sidebar.error(f"The store directory cannot be listed: {str(error).strip().splitlines()[0][:200]}")
         return
+    with st.sidebar:
+        runs_panel(directory, [path for path, _ in stores])
     if not stores:
         st.session_state.pop("store_path", None)
         st.sidebar.info("No stores yet.")
         return
     labels = dict(stores)
     paths = list(labels)
-    chosen = pick("Store", paths, labels, "store", "store_select")
+    chosen = pick("Store", paths, labels, "store", "store_select", default=default_store(paths))
     st.session_state["store_path"] = chosen
     st.session_state["compare_path"] = pick("Compare with", [p for p in paths if p != chosen], labels, "compare",
                                             "compare_select", optional=True)
@@ -66,11 +83,7 @@ def store_picker() -> None:
     except Exception as error:  # shown, never raised: the picker must survive any file in the directory
         st.sidebar.error(str(error))
         return
-    with st.sidebar.expander("Provenance"):
-        for key in ("model", "description", "weights_sha256", "data_fingerprint", "num_images", "num_classes",
-                    "device", "precision", "code_version", "completed", "ablation_note"):
-            if key in info.attrs:
-                st.caption(f"**{key}**: {info.attrs[key]}")
+    provenance.show(info)
 
 
 def opens_overview(link: dict):

@@ -40,10 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compute import ties  # noqa: E402
-from compute.engine import AblationEngine, single_unit_masks  # noqa: E402
+from compute.lib import ties  # noqa: E402
+from compute.lib.engine import AblationEngine, single_unit_masks  # noqa: E402
 from compute.models import get_spec  # noqa: E402
-from compute.sequence import run_to, step_names, tail_of  # noqa: E402
+from compute.lib.sequence import run_to, step_names, tail_of  # noqa: E402
 from bench import any_models  # noqa: E402
 
 PLACES_VAL_IMAGES = 36_500
@@ -132,7 +132,7 @@ def synthscenes_images(spec, count: int, device="cpu") -> tuple[torch.Tensor, to
 @torch.no_grad()
 def naive_predictions(sequence: nn.Sequential, step: str, unit: int, images: torch.Tensor) -> torch.Tensor:
     """The definition: the whole network on the images, with channel ``unit`` of step ``step``'s output zeroed
-    (predictions under ``compute.ties``' rule, as the engine's)."""
+    (predictions under ``compute.lib.ties``' rule, as the engine's)."""
     x = run_to(sequence, images, [step])[step].clone()
     x[:, unit] = 0
     return ties.predict(tail_of(sequence, step), x)

@@ -10,7 +10,7 @@ units. The engine runs the prefix up to the layer once (``compute.models.graph``
 baseline, then every unit of the layer through ``AblationEngine.evaluate_units``, as the single-unit sweep does.
 
 Printed per case: milliseconds per unit for each (the engine's time includes its prefix and baseline, shared by all
-units), their ratio, and whether the engine's predictions equal the naive ones (``compute.ties.predict``'s rule) for
+units), their ratio, and whether the engine's predictions equal the naive ones (``compute.lib.ties.predict``'s rule) for
 every unit-image the naive side computed. ``measure`` returns the same numbers for bench/ablation.py.
 """
 
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compute import ties  # noqa: E402
-from compute.engine import AblationEngine, single_unit_masks  # noqa: E402
+from compute.lib import ties  # noqa: E402
+from compute.lib.engine import AblationEngine, single_unit_masks  # noqa: E402
 from compute.models import get_spec  # noqa: E402
-from compute.sequence import run_to, tail_of  # noqa: E402
+from compute.lib.sequence import run_to, tail_of  # noqa: E402
 
 CASES = (("torchvision:resnet50", "layer4"), ("torchvision:vgg16", "features.28"))
 

@@ -8,8 +8,8 @@ Writes ``OUT_DIR/alexnet-places-synthetic.h5`` through ``store.writer.StoreWrite
 are synthetic but keep what the pages depend on: 100 validation images per class, so accuracies and drops are
 multiples of 1/100 (greedy held-out halves 1/50); a few classes per unit with large drops; sparse concept IoUs;
 smooth thumbnails and blob masks; monotone greedy curves. Attributes, best concepts, top-image ranking and the
-relations table come from the project's own functions (``compute.attributes``, ``compute.dissection``,
-``compute.topimages``, ``compute.relations``) applied to the synthetic activations and drops.
+relations table come from the project's own functions (``compute.lib.attributes``, ``compute.lib.dissection``,
+``compute.lib.topimages``, ``compute.analysis.relations``) applied to the synthetic activations and drops.
 
 Live data (``--live``) is what a real run keeps for the deepest layer: every image's conv5 map, float32
 [36,500, 256, 13, 13] = 6.3 GB before compression, plus the tail weights (fc6..fc8, 57M floats, 0.23 GB). It is off
@@ -28,13 +28,13 @@ import cv2
 import numpy as np
 
 from compute.all import code_version, parse_args
-from compute.pipeline import digest
-from compute.attributes import class_correlation, class_selectivity
-from compute.dissection import best_concepts
-from compute.greedy import SPLIT, TIE_BREAK
-from compute.relations import BOOTSTRAP_SEED, CONFIDENCE, drop_targets, relation_table, scalar_attributes
-from compute.single_unit import drops, write_drops
-from compute.topimages import top_indices
+from compute.run.pipeline import digest
+from compute.lib.attributes import class_correlation, class_selectivity
+from compute.lib.dissection import best_concepts
+from compute.lib.greedy import SPLIT, TIE_BREAK
+from compute.analysis.relations import BOOTSTRAP_SEED, CONFIDENCE, drop_targets, relation_table, scalar_attributes
+from compute.stages.ablation import drops, write_drops
+from compute.lib.topimages import top_indices
 from store.writer import StoreWriter, create_array, write_array
 
 MODEL = "alexnet-places"
@@ -53,7 +53,7 @@ class Shape:
     per_class: int = 100
     concepts: int = 1198
     top_k: int = 8
-    thumb: int = 96  # compute.topimages keeps thumbnails of min(crop, 96) pixels: 96 for a 224 crop
+    thumb: int = 96  # compute.lib.topimages keeps thumbnails of min(crop, 96) pixels: 96 for a 224 crop
     greedy_steps: int = 20
     random_orders: int = 3
     rotations: int = 3
@@ -362,7 +362,7 @@ class Builder:
     def live(self, layer: str) -> None:
         """Every image's map of the deepest layer (sparse, as after a ReLU) and AlexNet's tail after it."""
         from compute.models import get_spec
-        from compute.sequence import tail_of
+        from compute.lib.sequence import tail_of
 
         spec = get_spec(MODEL)
         tail = tail_of(spec.to_sequence(spec.build(self.shape.classes)), spec.layers[layer])
@@ -370,7 +370,7 @@ class Builder:
         with self.writer.stage(f"live/{layer}") as h5:
             group = f"layers/{layer}/live"
             data = create_array(h5, f"{group}/acts", (n, units, MAP, MAP), np.float32,
-                                chunks=(1, units, MAP, MAP))  # as compute/live.py writes it
+                                chunks=(1, units, MAP, MAP))  # as compute/stages/live.py writes it
             for start in range(0, n, batch):
                 size = min(batch, n - start)
                 values = self.rng.random((size, units, MAP, MAP), dtype=np.float32)

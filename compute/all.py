@@ -1,6 +1,6 @@
 """Run the whole offline pipeline for one model into one store: ``python -m compute.all --model demo``.
 
-The stages and what each depends on are declared in compute.pipeline. A run goes: 1. check every option; 2. load the
+The stages and what each depends on are declared in compute.run.pipeline. A run goes: 1. check every option; 2. load the
 validation set, the concept set and the model; 3. key every stage and see which ones a finished part or the existing
 store already holds (``--plan`` prints this and stops); 4. take those over, compute the rest (each resumable: a killed
 run restarts at the first unfinished stage); 5. assemble the new store version, renamed over the old one only when
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from compute import distributed, paths, peak
+from compute.run import distributed, peak
+from compute import paths
 from compute.errors import MissingWeights, StageSkipped, UserError, disk_full, no_space_left, run_cli
 from compute.models import get_spec, model_names
 from store import StoreError, StoreWriter
@@ -35,8 +36,8 @@ def code_version() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from compute import pipeline
-    from compute.options import RunOptions, add_group
+    from compute.run import pipeline
+    from compute.run.options import RunOptions, add_group
 
     parser = argparse.ArgumentParser(
         prog="python -m compute.all", description=__doc__.splitlines()[0],
@@ -79,8 +80,8 @@ OPTION_RANGES = {
 def check_options(args: argparse.Namespace) -> dict:
     """Every option checked before any work starts (a negative --per-class would slice the validation set from its
     end, a zero one take every image), in one line that says what to pass; the stages' option dataclasses back."""
-    from compute import pipeline
-    from compute.options import RunOptions, from_args
+    from compute.run import pipeline
+    from compute.run.options import RunOptions, from_args
 
     for name, (valid, expected) in OPTION_RANGES.items():
         value = getattr(args, name, None)
@@ -95,7 +96,7 @@ def check_options(args: argparse.Namespace) -> dict:
 def check_layer_choices(options: dict, spec) -> None:
     """--greedy-layers, --rotation-layers and --live-layers name layers of the model (those not chosen with --layers
     are left out of the run)."""
-    from compute.options import GreedyOptions, LiveOptions, RotationOptions
+    from compute.run.options import GreedyOptions, LiveOptions, RotationOptions
 
     for kind, field in ((GreedyOptions, "greedy_layers"), (RotationOptions, "rotation_layers"),
                         (LiveOptions, "live_layers")):
@@ -178,7 +179,7 @@ def model_spec(args):
 
 
 def run_inputs(spec, weights: dict, val, concepts) -> dict:
-    """What stages' results depend on besides their options: the keys' inputs (compute.pipeline)."""
+    """What stages' results depend on besides their options: the keys' inputs (compute.run.pipeline)."""
     from compute.data.broden import fingerprint
 
     preprocess = spec.preprocess
@@ -205,7 +206,7 @@ def previous_records(path: Path) -> dict:
 
 def decide(steps, parts_done, previous: dict, force: bool) -> dict:
     """Per step: ("part" | "store" | "compute", why)."""
-    from compute.pipeline import why_recomputed
+    from compute.run.pipeline import why_recomputed
 
     decisions, recomputed = {}, set()
     for step in steps:
@@ -235,11 +236,11 @@ def print_plan(path: Path, steps, decisions: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from compute import pipeline
-    from compute.context import RunContext
-    from compute.greedy import resolve_classes
-    from compute.imagecache import ImageCache, default_workers
-    from compute.options import GreedyOptions, RunOptions
+    from compute.run import pipeline
+    from compute.run.context import RunContext
+    from compute.lib.greedy import resolve_classes
+    from compute.run.imagecache import ImageCache, default_workers
+    from compute.run.options import GreedyOptions, RunOptions
 
     # 1. Every option, before any work.
     args = parse_args(argv)

@@ -148,7 +148,7 @@ def write_crop(h5, group: str, preprocess) -> None:
 def write_thumbs(h5, group: str, images_u8, indices: np.ndarray, block: int = 256) -> None:
     """64 x 64 thumbnails of the validation images ``indices`` (unique, ascending) from the run's decoded images
     (uint8 [N, 3, S, S], the model's centre crop): ``group/thumb_images`` and ``group/thumbs``."""
-    from compute.topimages import thumbnail
+    from compute.lib.topimages import thumbnail
     from store.writer import create_array, write_array
 
     indices = np.unique(np.asarray(indices, np.int64))
@@ -166,6 +166,6 @@ def write_thumbs(h5, group: str, images_u8, indices: np.ndarray, block: int = 25
 
 def keep_thumbs(ctx) -> bool:
     """Whether the run keeps thumbnails of flipped images (``--keep-flip-thumbs``)."""
-    from compute.options import FlipOptions
+    from compute.run.options import FlipOptions
 
     return bool(ctx.option(FlipOptions).keep_flip_thumbs)

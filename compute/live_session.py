@@ -1,6 +1,6 @@
 """Live ablation from a store alone: the layer's stored activations and tail weights, rebuilt into an engine.
 
-compute/live.py keeps, for the live layers, every validation image's activations ``layers/<L>/live/acts`` [N, C, H, W]
+compute/stages/live.py keeps, for the live layers, every validation image's activations ``layers/<L>/live/acts`` [N, C, H, W]
 and the tail's weights ``layers/<L>/live/tail/*``. With the architecture from the model registry (by the store's
 ``model`` attribute) that is all a greedy run or a hand-picked ablation needs: no images, no checkpoint. The whole
 activation array is held in memory when it fits the live-memory budget (39 MB for the demo's conv5; default budget
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compute import greedy
-from compute.engine import AblationEngine, Outcome
+from compute.lib import greedy
+from compute.lib.engine import AblationEngine, Outcome
 from compute.errors import UserError
-from compute.live import load_tail
+from compute.stages.live import load_tail
 from compute.models import get_spec
 from store import StoreError, StoreReader
 

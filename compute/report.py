@@ -23,7 +23,7 @@ import pandas as pd
 
 from compute import paths
 from compute.errors import UserError, run_cli
-from compute.significance import LEVEL
+from compute.analysis.significance import LEVEL
 from figures import FORMATS, render
 from figures import attributes as fig5
 from figures import dissection, greedy, overview, prediction, rotation, variants
@@ -131,8 +131,8 @@ def significance_table(report: Report, store: StoreReader, layers: list[str], le
 
 def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
     """Every per-layer figure the store has the sections for."""
-    from compute.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets, folded_l1,
-                                   name_folded_l1, scalar_attributes, store_reader)
+    from compute.analysis.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets,
+                                            folded_l1, name_folded_l1, scalar_attributes, store_reader)
 
     title = f"{store.name} {layer}"
     drop = store.layer(layer, "ablation", "class_drop")

@@ -39,9 +39,8 @@ from torch import distributed as dist
 from tqdm import tqdm
 
 from compute import paths
-from compute.distributed import Dist, current
+from compute.run.distributed import Dist, current
 from compute.errors import UserError, run_cli
-from compute.imagecache import normalise
 
 DEFAULTS = {"epochs": 14, "batch_size": 64, "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
 # torchvision's reference recipe for AlexNet (batch 256 in all, step decay every 30 epochs).
@@ -142,7 +141,7 @@ def evaluate(model, images, labels, preprocess, batch_size=256, device=torch.dev
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = normalise(images[start:start + batch_size].to(device), preprocess)
+            x = preprocess.normalise(images[start:start + batch_size].to(device))
             correct += (model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
     return correct / len(images)
 
@@ -194,7 +193,7 @@ def train_demo(model_name: str = "demo", seed: int = 0, data_dir=None, epochs: i
                 images = _augment(train_x[batch], generator)  # every rank draws the same flips: generators stay equal
                 if len(batch) >= where.world:  # a last batch too small to give every rank an image is skipped by all
                     mine = slice(where.rank, None, where.world)
-                    x = normalise(images[mine].to(device), spec.preprocess)
+                    x = spec.preprocess.normalise(images[mine].to(device))
                     loss = loss_fn(net(x), train_y[batch][mine].to(device))
                     optimiser.zero_grad()
                     loss.backward()

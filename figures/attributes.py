@@ -6,7 +6,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from compute.relations import in_paper_sign
+from compute.analysis.relations import in_paper_sign
 
 PANEL = 170
 PAPER_SIGN_COLUMN = "paper's sign"
@@ -26,7 +26,7 @@ def unit_frame(attributes: dict, targets: dict, class_drop: np.ndarray, classes:
 
 def coefficient_frame(table: dict, confidence: float) -> pd.DataFrame:
     """One row per attribute and drop: Pearson r; PAPER_SIGN_COLUMN, that r as the paper's Fig. 5 would report it
-    (its drop is ablated minus baseline: ``compute.relations.in_paper_sign``); r's interval and p-value; then
+    (its drop is ablated minus baseline: ``compute.analysis.relations.in_paper_sign``); r's interval and p-value; then
     Spearman's rho, its interval and p-value. Computed from the stored coefficients, which keep this tool's sign."""
     rows = []
     for i, attribute in enumerate(table["attributes"]):

@@ -56,7 +56,7 @@ def significance_counts(class_drop: np.ndarray, q_value: np.ndarray | None, over
                         overall_q: np.ndarray | None, level: float) -> dict:
     """Per layer: units, units with at least one significant class drop, units with a significant overall drop (a
     drop is significant when positive with q below ``level``; None where the store predates the tests)."""
-    from compute.significance import significant_drops
+    from compute.analysis.significance import significant_drops
 
     return {"units": len(overall),
             "units with a significant class drop": None if q_value is None else

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from compute.significance import LEVEL, significant_drops
+from compute.analysis.significance import LEVEL, significant_drops
 
 UNITS, RANDOM = "units", "random directions"
 ALTERNATIVE = "greater"  # units' drops larger than random directions' (the paper's claim, for both drops)
@@ -120,7 +120,7 @@ def curve_chart(curves: dict[str, np.ndarray], title: str) -> alt.LayerChart:
     frame = pd.concat([sorted_band(values).assign(kind=kind) for kind, values in curves.items()], ignore_index=True)
     colour = alt.Color("kind:N", title=None, scale=alt.Scale(domain=[UNITS, RANDOM], range=["#c0392b", "#7f8c8d"]),
                        legend=alt.Legend(orient="bottom"))  # beside the plot it takes half of a half-page chart
-    base = alt.Chart(frame).encode(x=alt.X("rank:Q", title="rank (each curve sorted, largest first)"))
+    base = alt.Chart(frame).encode(x=alt.X("rank:Q", title="rank, largest first"))
     band = base.transform_filter(alt.datum.kind == RANDOM).mark_area(opacity=0.25, color="#7f8c8d").encode(
         y="low:Q", y2="high:Q")
     line = base.mark_line().encode(

@@ -184,16 +184,42 @@ def act(page, action, rerun_within: int = 3000) -> None:
     settle(page)
 
 
-def full_screenshot(page, path: Path) -> None:
-    """A screenshot of the whole page: Streamlit scrolls inside its main area, so the viewport is grown to fit it."""
+def full_screenshot(page, path: Path, width: int = VIEWPORT["width"]) -> None:
+    """A screenshot of the whole page at ``width`` px: Streamlit scrolls inside its main area, so the viewport is
+    grown to fit it."""
+    page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
+    settle(page)
+    page.wait_for_timeout(300)  # the new width's layout, before its height is read
     height = page.evaluate("""() => Math.max(...['stMain', 'stAppViewContainer', 'stSidebarContent'].map(
         id => document.querySelector(`[data-testid="${id}"]`)?.scrollHeight || 0))""")
-    page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height))})
+    page.set_viewport_size({"width": width, "height": max(VIEWPORT["height"], int(height))})
     try:
         settle(page)
         page.screenshot(path=str(path), full_page=True)
     finally:
         page.set_viewport_size(VIEWPORT)
+
+
+# Charts drawn wider than the element Streamlit gives them are clipped at its right edge (the Attributes grid's fifth
+# column was): every visible chart's drawing must fit in its element and in the main area.
+CHARTS_CUT = """() => {
+    const main = document.querySelector('[data-testid="stMain"]').getBoundingClientRect();
+    const cut = [];
+    document.querySelectorAll('[data-testid="stVegaLiteChart"]').forEach((chart, i) => {
+        const box = chart.getBoundingClientRect();
+        const drawn = chart.querySelector('canvas, svg.marks');
+        if (!drawn || box.width === 0) return;  // not drawn yet, or in a tab not shown
+        const right = drawn.getBoundingClientRect().right;
+        if (right > box.right + 1 || right > main.right + 1 || chart.scrollWidth > chart.clientWidth + 1)
+            cut.push(`chart ${i}: drawn to x=${Math.round(right)}, element ends at ${Math.round(box.right)}`);
+    });
+    return cut;
+}"""
+
+
+def charts_cut(page) -> list[str]:
+    """The visible charts that do not fit their element or the main area (one line each)."""
+    return page.evaluate(CHARTS_CUT)
 
 
 def copy_stores(store: Path, target: Path, names: tuple[str, ...]) -> Path:
@@ -202,3 +228,60 @@ def copy_stores(store: Path, target: Path, names: tuple[str, ...]) -> Path:
     for name in names:
         shutil.copy2(store, target / f"{name}.h5")
     return target
+
+
+# Every chart in view has drawn its marks (a chart still being embedded has no canvas or svg yet).
+ALL_CHARTS_DRAWN = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+    .filter((chart) => chart.getBoundingClientRect().width > 0)
+    .every((chart) => chart.querySelector('canvas, svg.marks') !== null)"""
+
+
+def shoot_pages(page, url: str, paths, widths, out: Path, query: str = "", suffix: str = "") -> dict[str, list[str]]:
+    """Open every page path cold at every width, keep a full-page screenshot ``<path>-<width><suffix>.png`` in
+    ``out``, and return {shot: problems}: charts cut off, dialogs (an exception element fails in ``settle``)."""
+    problems = {}
+    for width in widths:
+        page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
+        for path in paths:
+            shot = f"{path}-{width}{suffix}"
+            page.goto(f"{url}/{path}{query}")
+            page.wait_for_function("window.__stRuns > 0")
+            settle(page)
+            page.wait_for_function(ALL_CHARTS_DRAWN)
+            found = charts_cut(page)
+            found += [f"dialog: {text}" for text in page.get_by_role("dialog").all_inner_texts()]
+            full_screenshot(page, out / f"{shot}.png", width=width)
+            problems[shot] = found
+    page.set_viewport_size(VIEWPORT)
+    return problems
+
+
+def main(argv=None) -> int:
+    """``python -m tests.browser STORE_DIR [OUT]``: serve the app on STORE_DIR and take full-page screenshots of every
+    page at 1500 and 1000 px (into OUT, default test-artifacts/browser/shots) for a look by eye; lists the charts
+    cut off, dialogs and console errors it meets."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m tests.browser")
+    parser.add_argument("stores", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", default=None)
+    parser.add_argument("--query", default="", help="query string for every page, e.g. '?store=demo'")
+    args = parser.parse_args(argv)
+    out = args.out or artifacts_dir() / "shots"
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch, \
+            streamlit_server(args.stores.resolve(), args.stores.resolve().parent, Path(scratch) / "log") as url, \
+            chromium(Path(scratch) / "profile") as context:
+        page = context.new_page()
+        watch = Watch(page, url)
+        problems = shoot_pages(page, url, page_paths(), (1500, 1000), out, args.query)
+        problems["console"] = watch.take()
+    for shot, found in problems.items():
+        print(f"{shot}: {'; '.join(found) if found else 'ok'}")
+    print(f"screenshots in {out}")
+    return int(any(problems.values()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

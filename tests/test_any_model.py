@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from compute import ties
-from compute.engine import AblationEngine
+from compute.lib import ties
+from compute.lib.engine import AblationEngine
 from compute.errors import UserError
 from compute.models import get_spec
-from compute.sequence import run_to, tail_of
+from compute.lib.sequence import run_to, tail_of
 
 SIZE = 64
 CLASSES = 10

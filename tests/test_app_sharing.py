@@ -205,7 +205,7 @@ def test_variants_link_picks_its_stores(two_stores):
     at = open_view("variants", two_stores / "demo.h5", stores="demo-copy,nonexistent,demo")
     assert at.multiselect(key="variant_stores").value == ["demo-copy", "demo"]
     assert at.query_params["stores"] == "demo-copy,demo"
-    assert len(at.get("vega_lite_chart")) == 2
+    assert len(at.get("vega_lite_chart")) == 6  # Fig. 8 curves and Fig. 9 counts, a chart per layer (conv3..conv5)
 
 
 def test_the_chosen_layer_carries_over_to_another_page(store_env):

@@ -10,8 +10,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from compute.attributes import (RunningMoments, class_correlation, class_selectivity, folded_l1_norm, l1_norm,
-                                run_stage, unit_l1)
+from compute.lib.attributes import (RunningMoments, class_correlation, class_selectivity, folded_l1_norm, l1_norm,
+                                    unit_l1)
+from compute.stages.attributes import run_stage
 from compute.models import get_spec
 from compute.models.registry import batch_norm_after
 from store import StoreReader

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.browser import (TIMEOUT_MS, Watch, act, artifacts_dir, chromium, copy_stores, full_screenshot,
-                           missing_browser, page_paths, settle, streamlit_server)
+                           missing_browser, page_paths, settle, shoot_pages, streamlit_server)
 
 STORE, COPY = "demo", "demo-copy"  # two copies of the tiny store: a second store to compare with
 PAGES = page_paths()
@@ -31,6 +31,7 @@ CHARTS_DRAWN = """(minimum) => {
     });
     return drawn.length >= minimum;
 }"""
+WIDTHS = (1500, 1000)  # the widths the screenshots are taken at (a laptop's window, and half a wide screen)
 IMAGES_LOADED = """(minimum) => {
     const images = [...document.querySelectorAll('[data-testid="stImage"] img')];
     return images.length >= minimum && images.every((image) => image.complete && image.naturalWidth > 0);
@@ -83,6 +84,7 @@ def visit(browser, app, path: str, shot: str):
     full_screenshot(page, artifacts_dir() / f"{shot}.png")
     exceptions = page.get_by_test_id("stException")
     assert exceptions.count() == 0, f"{path}: {exceptions.first.inner_text()}"
+    assert page.get_by_role("dialog").count() == 0, f"{path}: {page.get_by_role('dialog').first.inner_text()}"
     assert watch.take() == [], path
 
 
@@ -169,6 +171,10 @@ def last(layers) -> str:
     return list(layers)[-1]
 
 
+def sidebar_box(page, label: str):
+    return page.get_by_test_id("stSidebar").get_by_role("combobox", name=label, exact=True)
+
+
 def active_page(page):
     return page.locator('[data-testid="stSidebarNavLink"][aria-current="page"]')
 
@@ -201,6 +207,19 @@ def test_every_page_opens(browser, app):
             assert query(page).get("store") == STORE and query(page).get("compare") == COPY, page.url
             if path not in ("greedy", "variants", "prediction", "search"):  # pages whose picker offers conv4 keep it
                 assert query(page).get("layer") == "conv4", (path, page.url)
+
+
+def test_every_page_fits_at_1500_and_1000_px(browser, app):
+    """Every page opened cold at each width of WIDTHS, alone and beside a compared store: no chart drawn wider than
+    its place (cut off at the right), no dialog, exception or console error; full-page screenshots are kept as
+    <page>-<width>[-compare].png for a look by eye."""
+    page, watch = browser
+    watch.take()
+    out = artifacts_dir()
+    problems = shoot_pages(page, app.url, PAGES, WIDTHS, out, f"?store={STORE}")
+    problems.update(shoot_pages(page, app.url, PAGES, WIDTHS, out, f"?store={STORE}&compare={COPY}", "-compare"))
+    assert {shot: found for shot, found in problems.items() if found} == {}
+    assert watch.take() == []
 
 
 def test_root_opens_overview_with_the_link(browser, app):
@@ -288,14 +307,27 @@ def test_greedy(browser, app):
         act(page, lambda: page.get_by_role("tab", name=re.compile("Greedy vs random")).click())
         wait_charts(page, 4)
         act(page, lambda: page.get_by_role("tab", name=re.compile("Live")).click())
+        compare = sidebar_box(page, "Compare with")
+        expect(compare).to_have_value("none")
         load = main(page).get_by_role("switch", name=re.compile("^Load")).locator("visible=true")
         if load.count():  # live data is loaded on request
+            act(page, lambda: load.first.click(force=True))
+            expect(compare).to_have_value("none")  # the toggle's rerun once reset it to an empty choice
+            act(page, lambda: load.first.click(force=True))
+            expect(compare).to_have_value("none")
             act(page, lambda: load.first.click(force=True))
         type_number(page, "Units to ablate", 3)
         click_button(page, "Run")
         expect(main(page).get_by_test_id("stMetric").filter(has_text="Units ablated")
                .get_by_test_id("stMetricValue")).to_have_text("3")
         wait_charts(page, 5)
+        heading = page.get_by_role("heading", name="Classes that lose most", exact=True)
+        losers = main(page).get_by_test_id("stColumn").filter(has=heading).get_by_test_id("stVegaLiteChart")
+        if losers.count():  # some other class lost accuracy: one label per bar, none dropped for want of room
+            bars = losers.last.locator("svg.marks .role-mark path").count()
+            labels = losers.last.locator('svg.marks g.role-axis[aria-label^="Y-axis"] .role-axis-label text').count()
+            assert bars > 0 and labels == bars, (bars, labels)
+        expect(compare).to_have_value("none")
 
 
 def test_attributes(browser, app):
@@ -382,3 +414,86 @@ def test_search(browser, app):
         expect(found).to_have_text(f"{expected} of {total}")
         assert query(page)["class"] == classes[target]
         expect(main(page).get_by_test_id("stDataFrame").first).to_be_visible()
+
+
+# -- the first run: stores still being computed ----------------------------------------------------------------
+PLAN = ["setup", "activations", "ablation/conv5", "attributes/conv5", "dissection/conv5"]
+
+
+def held_lock(path: Path):
+    """An open file with an flock on it: what a running writer holds (store/progress.py reads /proc/locks)."""
+    import fcntl
+
+    handle = open(path, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def fake_parts(stores: Path, name: str, done: list[str]):
+    """A compute.all run of ``name`` in progress: its parts folder with the plan, ``done`` finished, its lock held."""
+    import json
+
+    folder = stores / f".{name}.parts"
+    folder.mkdir(exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"run_key": "k", "plan": PLAN,
+                                                 "provenance": {"model": "demo-bn", "run_name": name}}))
+    for stage in done:
+        (folder / (stage.replace("/", "__") + ".h5")).write_bytes(b"")
+    return held_lock(folder / "lock")
+
+
+def test_pages_say_which_store_is_coming_and_show_it_when_it_lands(browser, app, tmp_path):
+    """While the first run's background work computes demo-bn and the instances, Variants and Predicting classes say
+    how far each is (no chart of one store), the sidebar lists the runs, both refresh while the page stays open, and
+    a store that lands shows up without a reload."""
+    import shutil
+
+    from store import progress
+
+    stores = copy_stores(app.reader.path, tmp_path / "stores", (STORE,))
+    if progress.locked_inodes() is None:
+        pytest.skip("/proc/locks is not readable here: runs in progress cannot be told alive")
+    queue = [("demo-bn", "computing"), ("demo-dropout", "waiting"), ("demo-seed1", "waiting")]
+    progress.write_suite_status(stores, queue, "waiting", ["demo", "demo-seed1"])
+    locks = [held_lock(stores / progress.SUITE_LOCK), fake_parts(stores, "demo-bn", PLAN[:2])]
+    try:
+        # A page of the module's browser: a second Playwright would meet the first one's event loop.
+        with streamlit_server(stores, app.data_dir, tmp_path / "streamlit.log") as url:
+            page = browser[0].context.new_page()
+            watch = Watch(page, url)
+            page.goto(f"{url}/variants?store={STORE}")
+            settle(page)
+            notes = main(page).get_by_test_id("stAlert")
+            expect(notes).to_contain_text("demo-bn is being computed: stage 3 of 5: ablation/conv5")
+            expect(notes).to_contain_text("demo-dropout is coming: 1 store ahead of it")
+            expect(main(page).get_by_test_id("stVegaLiteChart")).to_have_count(0)
+            sidebar = page.get_by_test_id("stSidebar")
+            expect(sidebar).to_contain_text("demo-bn: stage 3 of 5: ablation/conv5")
+            expect(sidebar).to_contain_text("Table 1: waiting")
+            full_screenshot(page, artifacts_dir() / "variants-coming.png", width=1500)
+
+            (stores / ".demo-bn.parts" / "ablation__conv5.h5").write_bytes(b"")  # the next stage, page left open
+            expect(notes).to_contain_text("stage 4 of 5: attributes/conv5")
+            expect(sidebar).to_contain_text("demo-bn: stage 4 of 5: attributes/conv5")
+
+            shutil.copy2(stores / f"{STORE}.h5", stores / ".demo-bn.h5.assembling")  # the run commits its store
+            (stores / ".demo-bn.h5.assembling").rename(stores / "demo-bn.h5")
+            shutil.rmtree(stores / ".demo-bn.parts")
+            progress.write_suite_status(stores, [("demo-bn", "done"), *queue[1:]], "waiting", ["demo", "demo-seed1"])
+            expect(main(page).get_by_role("button", name="Remove demo-bn")).to_be_visible()  # picked by default
+            settle(page)
+            wait_charts(page, 2)
+            expect(main(page).get_by_test_id("stAlert").first).to_contain_text("demo-dropout is coming: next")
+            expect(sidebar).not_to_contain_text("demo-bn:")
+
+            page.goto(f"{url}/prediction?store={STORE}")
+            settle(page)
+            expect(main(page).get_by_test_id("stAlert").first).to_contain_text("demo-seed1 is coming")
+            expect(main(page).get_by_test_id("stAlert").first).to_contain_text("Table 1 is computed over demo, "
+                                                                               "demo-seed1 once they are all here")
+            full_screenshot(page, artifacts_dir() / "prediction-coming.png", width=1500)
+            assert watch.take() == []
+            page.close()
+    finally:
+        for lock in locks:
+            lock.close()

@@ -1,8 +1,8 @@
 """Certified skipping: the bound against its formula, rows certified and not, and predictions equal to the naive ones.
 
 A row is certified when its baseline margins exceed a proven bound on how far the ablation moves them
-(``compute.engine._Certificate``); the tail then does not run for it. Whatever is certified, every prediction must
-equal ``compute.ties.predict`` of the whole network with the unit zeroed.
+(``compute.lib.engine._Certificate``); the tail then does not run for it. Whatever is certified, every prediction must
+equal ``compute.lib.ties.predict`` of the whole network with the unit zeroed.
 """
 
 import math
@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from compute import ties
-from compute.engine import (AblationEngine, _Certificate, _conv_norm, _lipschitz, _windows_per_input,
-                            single_unit_masks)
+from compute.lib import ties
+from compute.lib.engine import (AblationEngine, _Certificate, _conv_norm, _lipschitz, _windows_per_input,
+                                single_unit_masks)
 from compute.models.demo import build_demo
 from compute.paths import weights_dir
-from compute.sequence import run_to, tail_of
+from compute.lib.sequence import run_to, tail_of
 from tests.test_engine import lively, random_rotation
 
 

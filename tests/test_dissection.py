@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from compute.data.broden import BrodenDataset, ImageLabels
-from compute.dissection import (UNION_RULES, ConceptSource, ConceptTable, IoUTally, best_concepts, dissect,
-                                encode_labels, merge_tallies, merge_thresholds, normalise, tally_iou, threshold_state)
+from compute.lib.dissection import (UNION_RULES, ConceptSource, ConceptTable, IoUTally, best_concepts, dissect,
+                                    encode_labels, merge_tallies, merge_thresholds, tally_iou,
+                                    threshold_state)
 from compute.models.registry import Preprocess
-from compute.quantiles import TopQuantile
-from compute.sequence import run_to
+from compute.lib.quantiles import TopQuantile
+from compute.lib.sequence import run_to
 from store import StoreReader
 from tests import broden_fixture
 from tests.views import open_view
@@ -141,8 +142,8 @@ def test_union_rule_option_reaches_the_store(tmp_path):
     import h5py
 
     from compute.all import check_options, parse_args
-    from compute.context import RunContext
-    from compute.dissection import run_stage
+    from compute.run.context import RunContext
+    from compute.stages.dissection import run_stage
     from store import StoreWriter
 
     root = broden_fixture.write_broden(tmp_path / "broden")
@@ -202,7 +203,7 @@ def reference_iou(sequence, step, broden: BrodenDataset, table: ConceptTable, th
     active_in = np.zeros((units, len(table.category_names)))
     for i in range(len(broden)):
         image = torch.from_numpy(broden.image(i).transpose(2, 0, 1).copy())[None]
-        maps = run_to(sequence, normalise(image, preprocess, "cpu"), [step])[step][0].numpy()
+        maps = run_to(sequence, preprocess.normalise(image, "cpu"), [step])[step][0].numpy()
         labels = broden.labels(i)
         sh, sw = labels.shape
         concept_masks = np.zeros((len(table), sh, sw), bool)
@@ -314,7 +315,7 @@ def test_store_thresholds_equal_numpy_quantile(tiny_run):
     model, _ = spec.load(None, tiny_run["data_dir"])
     broden = BrodenDataset(tiny_run["dataset"])
     images = torch.stack([torch.from_numpy(broden.image(i).transpose(2, 0, 1).copy()) for i in range(len(broden))])
-    maps = run_to(spec.to_sequence(model), normalise(images, spec.preprocess, "cpu"), ["relu5"])["relu5"]
+    maps = run_to(spec.to_sequence(model), spec.preprocess.normalise(images, "cpu"), ["relu5"])["relu5"]
     everything = maps.transpose(0, 1).reshape(maps.shape[1], -1).double().numpy()
     expected = np.quantile(everything, 1 - store.read_attrs("layers/conv5/dissection")["quantile"], axis=1)
     assert store.layer("conv5", "dissection", "thresholds") == pytest.approx(expected, rel=1e-5)
@@ -346,7 +347,7 @@ def test_store_holds_consistent_dissection(tiny_run):
 def test_missing_concepts_skip_the_stage_naming_the_option():
     from types import SimpleNamespace
 
-    from compute.dissection import run_stage
+    from compute.stages.dissection import run_stage
     from compute.errors import StageSkipped
 
     with pytest.raises(StageSkipped, match="--concepts PATH"):

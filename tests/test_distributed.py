@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from compute.distributed import Dist
+from compute.run.distributed import Dist
 from store import StoreReader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ DYING_RANK = '''
 import os, signal, sys, time
 
 from compute.all import main
-from compute.context import RunContext
+from compute.run.context import RunContext
 from compute.errors import run_cli
 
 run_sharded = RunContext.run_sharded
@@ -176,7 +176,7 @@ class _Writer:
 
 
 def test_finished_share_is_reused(capsys, monkeypatch):
-    from compute.context import RunContext
+    from compute.run.context import RunContext
 
     calls = []
     ctx = RunContext.__new__(RunContext)
@@ -199,7 +199,7 @@ def test_finished_share_is_reused(capsys, monkeypatch):
 
 STOPPED = r'''
 import threading
-from compute.distributed import say_when_stopped
+from compute.run.distributed import say_when_stopped
 say_when_stopped(lambda: "during stage greedy/conv5; finished shards are kept in PARTS")
 print("ready", flush=True)
 threading.Event().wait()  # blocked, as a rank waiting in an NCCL collective never returns to Python

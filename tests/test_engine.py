@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from compute import ties
-from compute.engine import AblationEngine, single_unit_masks
+from compute.lib import ties
+from compute.lib.engine import AblationEngine, single_unit_masks
 from compute.models.demo import build_demo
-from compute.sequence import run_to, tail_of
+from compute.lib.sequence import run_to, tail_of
 
 
 def lively(model):

@@ -14,9 +14,9 @@ import torch
 from scipy.stats import ortho_group
 
 from bench.ablation import naive_predictions, random_images, random_model
-from compute import ties
-from compute.engine import AblationEngine, single_unit_masks
-from compute.sequence import run_to, tail_of
+from compute.lib import ties
+from compute.lib.engine import AblationEngine, single_unit_masks
+from compute.lib.sequence import run_to, tail_of
 
 IMAGES = 3
 
@@ -48,7 +48,7 @@ def engine_outcome(sequence, step, images, units):
 
 
 def zeroed_weights(model, conv_name, unit, images):
-    """Logits and predictions (``compute.ties``' rule) of the whole model with the unit's weight and bias zeroed."""
+    """Logits and predictions (``compute.lib.ties``' rule) of the whole model with the unit's weight and bias zeroed."""
     conv = dict(model.named_modules())[conv_name]
     saved = conv.weight.data[unit].clone(), conv.bias.data[unit].clone()
     conv.weight.data[unit] = 0

@@ -51,9 +51,9 @@ def varied_run(tiny_run, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tiny_ctx(varied_run):
     """A RunContext on the varied run's model and decoded images (the inputs the run used), no writer."""
-    from compute.context import RunContext
+    from compute.run.context import RunContext
     from compute.data.validation import load_validation
-    from compute.imagecache import ImageCache
+    from compute.run.imagecache import ImageCache
 
     spec = get_spec("demo")
     model, _ = spec.load(varied_run["weights"], varied_run["data_dir"])
@@ -96,7 +96,7 @@ def test_table_layout(varied_run):
 def test_flips_equal_a_naive_rerun_with_zeroed_filters(varied_run):
     """For conv5 units with the most rows, one with the fewest: exactly the images whose prediction changes when the
     whole network runs with the unit's filter and bias zeroed, with the predictions before and after."""
-    from compute import ties
+    from compute.lib import ties
     from compute.data.validation import load_validation
 
     store = StoreReader(varied_run["store"])
@@ -150,7 +150,7 @@ def test_flips_equal_the_engine_for_every_unit_and_give_the_stored_counts(varied
 
 def test_shares_of_units_combine_by_unit(tiny_ctx):
     """Under torchrun each rank sweeps every world-th unit; the combined table is the one-process table."""
-    from compute.single_unit import _combine, sweep
+    from compute.stages.ablation import _combine, sweep
 
     units = tiny_ctx.units("conv5")
     whole = _combine([(np.arange(units), sweep(tiny_ctx, "conv5"))])["flips"]
@@ -169,7 +169,7 @@ def greedy_table(store: StoreReader, layer: str = "conv5") -> dict:
 
 
 def test_greedy_flips_equal_the_differences_of_ablation_paths(varied_run, tiny_ctx):
-    from compute.greedy import ablation_paths
+    from compute.lib.greedy import ablation_paths
 
     store = StoreReader(varied_run["store"])
     orders = store.layer("conv5", "greedy", "order")
@@ -246,7 +246,7 @@ def test_live_session_gives_each_images_prediction_before_and_after(varied_run):
 
 
 def test_thumbnails_are_the_models_crop(tiny_ctx, tmp_path):
-    from compute.topimages import thumbnail
+    from compute.lib.topimages import thumbnail
 
     with h5py.File(tmp_path / "t.h5", "w") as h5:
         flips.write_thumbs(h5, "flips", tiny_ctx.images.images, np.array([5, 2, 5, 40]))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from compute import greedy, ties
-from compute.engine import AblationEngine
+from compute.lib import greedy, ties
+from compute.stages import greedy as greedy_stage
+from compute.lib.engine import AblationEngine
 from compute.errors import UserError
 from store import StoreReader
 
@@ -132,7 +133,7 @@ def test_resolve_classes():
 def stage_context(**args):
     from types import SimpleNamespace
 
-    from compute.options import GreedyOptions
+    from compute.run.options import GreedyOptions
 
     options = GreedyOptions(**(dict(greedy_steps=20, random_orders=10, greedy_classes=None) | args))
     return SimpleNamespace(option=lambda kind: options, layers=["conv3", "conv5"],
@@ -143,19 +144,19 @@ def stage_context(**args):
 def test_stage_settings():
     from compute.errors import StageSkipped
 
-    assert greedy._settings(stage_context(), "conv5")[:2] == (8, 10)  # steps capped at the layer's units
-    assert greedy._settings(stage_context(greedy_classes=["forest"]), "conv5")[2].tolist() == [1]
+    assert greedy_stage._settings(stage_context(), "conv5")[:2] == (8, 10)  # steps capped at the layer's units
+    assert greedy_stage._settings(stage_context(greedy_classes=["forest"]), "conv5")[2].tolist() == [1]
     with pytest.raises(StageSkipped, match="--greedy-steps is 0"):
-        greedy._settings(stage_context(greedy_steps=0), "conv5")
+        greedy_stage._settings(stage_context(greedy_steps=0), "conv5")
     with pytest.raises(UserError, match="unknown class 'desert'"):
-        greedy._settings(stage_context(greedy_classes=["desert"]), "conv5")
+        greedy_stage._settings(stage_context(greedy_classes=["desert"]), "conv5")
 
 
 def test_a_share_without_classes_has_empty_rows_of_the_right_shape():
     """Under torchrun with more ranks than classes some ranks get none; their share must still combine."""
     ctx = stage_context()
     ctx.engine = lambda layer: None
-    share = greedy.class_share(ctx, "conv5", np.zeros(0, np.int64), steps=3, seeds=2)
+    share = greedy_stage.class_share(ctx, "conv5", np.zeros(0, np.int64), steps=3, seeds=2)
     assert {name: value.shape for name, value in share.items()} == {
         "order": (0, 3), "heldout_order": (0, 3), "class_acc": (0, 4), "heldout_select_acc": (0, 4),
         "heldout_acc": (0, 4), "random_class_acc": (0, 2, 4), "counts": (0, 4, 3)}

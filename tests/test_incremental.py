@@ -133,8 +133,8 @@ def test_a_typo_fails_before_the_first_stage(tiny_run, tmp_path, capsys):
 
 def test_a_stage_that_shards_must_be_declared_sharded():
     """Every stage module that shares work between ranks is declared so in the table, and an undeclared call fails."""
-    from compute import pipeline
-    from compute.context import RunContext
+    from compute.run import pipeline
+    from compute.run.context import RunContext
 
     for stage in pipeline.stages():
         source = Path(stage.run.__code__.co_filename).read_text()
@@ -148,8 +148,8 @@ def test_a_stage_that_shards_must_be_declared_sharded():
 
 
 def test_keys_follow_their_inputs():
-    from compute import pipeline
-    from compute.options import DissectionOptions, GreedyOptions, RotationOptions
+    from compute.run import pipeline
+    from compute.run.options import DissectionOptions, GreedyOptions, RotationOptions
 
     table = pipeline.stages()
     options = {kind: kind() for kind in pipeline.option_types(table)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compute import peak
+from compute.run import peak
 
 
 def test_peak_rises_with_an_allocation_and_resets_after_it():

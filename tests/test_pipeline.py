@@ -91,7 +91,7 @@ def test_drops_rest_on_paired_counts(tiny_run):
     their q-values are scipy's Benjamini-Hochberg over the layer's McNemar p-values."""
     from scipy import stats
 
-    from compute import ties
+    from compute.lib import ties
 
     store = StoreReader(tiny_run["store"])
     model, images, labels = tiny_model_and_images(tiny_run)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from compute.relations import (FOLDED_L1, SIGN_NOTE, drop_targets, in_paper_sign, name_folded_l1, relation_table,
-                               scalar_attributes)
+from compute.analysis.relations import (FOLDED_L1, SIGN_NOTE, drop_targets, in_paper_sign, name_folded_l1,
+                                        relation_table, scalar_attributes)
 from figures.attributes import coefficient_frame
 from store import StoreReader
 from tests.views import open_view

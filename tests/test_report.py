@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from compute.report import main as report
-from compute.significance import LEVEL, significant_drops
+from compute.analysis.significance import LEVEL, significant_drops
 from store import StoreReader, StoreWriter
 from store.writer import write_array
 from tests.test_rotation import significant_copy, strip_tests
@@ -79,7 +79,7 @@ def test_bad_input_is_one_line(tiny_run, tmp_path, capsys, argv, message):
 
 
 def significance_expected(path, layer: str, level: float = LEVEL) -> dict:
-    """significance.csv's numbers for one layer, from the store with compute.significance and scipy (the rotation
+    """significance.csv's numbers for one layer, from the store with compute.analysis.significance and scipy (the rotation
     comparison only where the layer has random rotations)."""
     store = StoreReader(path)
     read = lambda section, name: store.layer(layer, section, name)  # noqa: E731
@@ -154,7 +154,7 @@ def test_a_store_without_the_tests_leaves_the_counts_empty(tiny_run, tmp_path):
 
 
 def test_readme_states_the_sign_and_the_test(written):
-    from compute.relations import SIGN_NOTE
+    from compute.analysis.relations import SIGN_NOTE
     from figures.rotation import TEST_NOTE
 
     readme = (written / "README.txt").read_text()

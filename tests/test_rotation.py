@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from compute.rotation import random_rotation, sweep
-from compute.single_unit import drops
+from compute.lib.rotation import random_rotation
+from compute.stages.rotation import sweep
+from compute.stages.ablation import drops
 from store import StoreReader
 from tests.views import open_view
 
@@ -20,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tiny_ctx(tiny_run):
     """A RunContext on the tiny run's model and validation images (no writer: sweeps only)."""
-    from compute.context import RunContext
+    from compute.run.context import RunContext
     from compute.data.validation import load_validation
-    from compute.imagecache import ImageCache
+    from compute.run.imagecache import ImageCache
     from compute.models import get_spec
 
     spec = get_spec("demo")
@@ -109,7 +110,7 @@ def test_rotations_zero_skips_the_stage():
     from types import SimpleNamespace
 
     from compute.errors import StageSkipped
-    from compute.rotation import run_stage
+    from compute.stages.rotation import run_stage
 
     with pytest.raises(StageSkipped):
         run_stage(SimpleNamespace(option=lambda kind: kind(rotations=0)), "conv5")
@@ -120,13 +121,13 @@ def significant_copy(source, target: Path, layer: str = "conv5") -> Path:
 
     Units 0-9 lose all images of class u % K (drop 1, q 0.01); unit 10 gains all images of class 3 (drop -1, q 0.01:
     significant, but a gain, not a drop); directions 0-2 of rotation 0 lose half the images of class 0 (drop 0.5,
-    q 0.02); units 0-4 have overall q 0.01. Counts, drops and p-values agree (compute.significance); the q-values are
+    q 0.02); units 0-4 have overall q 0.01. Counts, drops and p-values agree (compute.analysis.significance); the q-values are
     set by hand, every other cell 1."""
     import shutil
 
     import h5py
 
-    from compute.significance import mcnemar_p
+    from compute.analysis.significance import mcnemar_p
 
     shutil.copy(source, target)
     with h5py.File(target, "r+") as h5:

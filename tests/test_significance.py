@@ -1,11 +1,11 @@
-"""McNemar p-values and Benjamini-Hochberg q-values on hand-made cases (compute.significance)."""
+"""McNemar p-values and Benjamini-Hochberg q-values on hand-made cases (compute.analysis.significance)."""
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from compute import significance
+from compute.analysis import significance
 
 
 def test_paired_counts_by_class():

@@ -1,9 +1,9 @@
-"""The tie rule (compute.ties) on hand-made cases: what counts as a tie, and who wins it."""
+"""The tie rule (compute.lib.ties) on hand-made cases: what counts as a tie, and who wins it."""
 
 import torch
 from torch import nn
 
-from compute import ties
+from compute.lib import ties
 
 
 def test_lowest_of_tied_within_the_bound():

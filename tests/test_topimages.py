@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compute.sequence import run_to
-from compute.topimages import thumbnail, top_indices, validation_thresholds
+from compute.lib.sequence import run_to
+from compute.lib.topimages import thumbnail, top_indices
+from compute.stages.topimages import validation_thresholds
 from store import StoreReader
 from tests.views import open_view
 
@@ -46,7 +47,7 @@ def test_validation_thresholds_equal_numpy():
 @pytest.fixture(scope="module")
 def validation(tiny_run):
     from compute.data.validation import load_validation
-    from compute.imagecache import ImageCache
+    from compute.run.imagecache import ImageCache
     from compute.models import get_spec
 
     spec = get_spec("demo")

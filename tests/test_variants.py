@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("name", ["alexnet-places-bn", "alexnet-places-dropout", "alexnet-imagenet-bn",
                                   "alexnet-imagenet-dropout"])
 def test_alexnet_variants_keep_units_consistent(name):
-    from compute.sequence import run_to
+    from compute.lib.sequence import run_to
 
     spec = get_spec(name)
     model = spec.build().eval()
@@ -70,7 +70,7 @@ def test_batch_norm_makes_output_zeroing_the_ablation():
     unit = 4
     model.conv3.weight.data[unit] = 0
     model.conv3.bias.data[unit] = 0
-    from compute.sequence import run_to
+    from compute.lib.sequence import run_to
 
     out = run_to(model, torch.randn(2, 3, 64, 64), ["relu3"])["relu3"][:, unit]
     bn = model.bn3
@@ -183,7 +183,7 @@ def variant_stores(tiny_run, tmp_path, monkeypatch):
 def test_variants_page_compares_stores(variant_stores):
     at = open_view("variants", variant_stores / "demo.h5")
     assert at.multiselect[0].value == ["demo", "demo-dropout"]
-    assert len(at.get("vega_lite_chart")) == 2  # Fig. 8 curves and Fig. 9 counts
+    assert len(at.get("vega_lite_chart")) == 6  # Fig. 8 curves and Fig. 9 counts, a chart per layer (conv3..conv5)
     table = at.dataframe[0].value
     assert sorted(set(table["store"])) == ["demo", "demo-dropout"] and len(table) == 6
     max_drop = StoreReader(variant_stores / "demo.h5").layer("conv5", "ablation", "class_drop").max(1)

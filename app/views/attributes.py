@@ -18,8 +18,8 @@ import streamlit as st
 
 from app import loaders
 from app.common import chart_downloads, compare_store, guarded, store_and_layer, table
-from compute.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets, folded_l1,
-                               name_folded_l1, scalar_attributes, store_reader)
+from compute.analysis.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets,
+                                        folded_l1, name_folded_l1, scalar_attributes, store_reader)
 from figures.attributes import PAPER_SIGN_COLUMN, coefficient_frame, scatter_grid, unit_frame
 
 TARGET_NAMES = [name for name, *_ in TARGETS]

@@ -57,9 +57,14 @@ def losers_chart(before: np.ndarray, after: np.ndarray, classes: list[str], skip
     if not top:
         return None
     frame = pd.DataFrame({"class": [classes[i] for i in top], "drop (points)": drop[top], "rank": range(len(top))})
+    # One label per bar: Vega-Lite drops labels it thinks overlap (every other one in a short chart), and a step
+    # height gives each bar its own row whatever height the page leaves the chart.
     return alt.Chart(frame).mark_bar(color="#c0392b").encode(
-        x=alt.X("drop (points):Q"), y=alt.Y("class:N", sort=alt.EncodingSortField("rank"), title=None),
-        tooltip=["class", alt.Tooltip("drop (points):Q", format=".1f")]).properties(height=24 * len(top) + 30)
+        x=alt.X("drop (points):Q"),
+        y=alt.Y("class:N", sort=alt.EncodingSortField("rank"), title=None,
+                axis=alt.Axis(labelOverlap=False, labelLimit=180)),
+        tooltip=["class", alt.Tooltip("drop (points):Q", format=".1f")]).properties(
+        height=alt.Step(26), usermeta={"embedOptions": {"renderer": "svg"}})  # svg: its labels can be read back
 
 
 # -- replay ------------------------------------------------------------------------------------------------------
@@ -91,6 +96,7 @@ def replay(store, layer: str) -> None:
         st.altair_chart(chart, width="stretch")
         chart_downloads(chart.properties(title=f"{store.name} {layer}: greedy ablation for {classes[target]}"),
                         f"{store.name}-{layer}-greedy-{classes[target]}-step{step}")
+        st.caption(why_heldout_differs(store, target))
         st.caption("Ablated: " + (", ".join(str(u) for u in order[row, :step]) or "nothing yet"))
     with right:
         if step < steps:
@@ -128,21 +134,38 @@ def step_images(store, layer: str, row: int, step: int, target: int, order: np.n
                first_class=target, what=f"step {step}")
 
 
+def why_heldout_differs(store, target: int) -> str:
+    """Why the held-out curve can end below the in-sample one (a reader sees the crossing and suspects a bug)."""
+    images = int((np.asarray(loaders.array(store.path, "images/labels")) == target).sum())
+    odd = max(images // 2, 1)
+    points = f"{100 / odd:.2g} point{'' if round(100 / odd, 2) == 1 else 's'}"
+    return ("Why the held-out curve can end below the in-sample one: greedy adds at each step the unit that leaves "
+            "the class's accuracy lowest on the images it chooses on (ties, common when accuracy moves in whole "
+            "images, go to the lowest probability of the class), which makes a good order, not the best set of "
+            "units. The held-out order, chosen on the other half of the images, can happen upon units that break "
+            f"more, and it is scored on {odd} images (one image = {points}).")
+
+
 def replay_chart(store, layer: str, row: int, step: int) -> alt.LayerChart:
     class_acc = greedy_array(store, layer, "class_acc", row)
+    held = greedy_array(store, layer, "heldout_acc", row)
     random = greedy_array(store, layer, "random_class_acc")[:, row]
     steps = len(class_acc) - 1
-    frames = [pd.DataFrame({"units ablated": np.arange(step + 1), "curve": "greedy (so far)",
-                            "accuracy (%)": 100 * class_acc[:step + 1]})]
+    frames = [pd.DataFrame({"units ablated": np.arange(step + 1), "curve": "greedy, in-sample",
+                            "accuracy (%)": 100 * class_acc[:step + 1]}),
+              pd.DataFrame({"units ablated": np.arange(step + 1), "curve": "greedy, held-out half",
+                            "accuracy (%)": 100 * held[:step + 1]})]
     if len(random):
         frames.append(pd.DataFrame({"units ablated": np.arange(steps + 1), "curve": "random order (mean)",
                                     "accuracy (%)": 100 * random.mean(0)}))
     lines = alt.Chart(pd.concat(frames)).mark_line(point=True).encode(
         x=alt.X("units ablated:Q", scale=alt.Scale(domain=[0, steps])),
         y=alt.Y("accuracy (%):Q", scale=alt.Scale(domain=[0, 100])),
-        color=alt.Color("curve:N"), tooltip=["curve", "units ablated", alt.Tooltip("accuracy (%):Q", format=".1f")])
-    rule = alt.Chart(pd.DataFrame({"x": [step]})).mark_rule(strokeDash=[4, 4]).encode(x="x:Q")
-    return (lines + rule).properties(height=300)
+        # the legend under the plot, one entry a line: beside it, or in one line under it, it cut the names short
+        color=alt.Color("curve:N", legend=alt.Legend(orient="bottom", direction="vertical", title=None)),
+        tooltip=["curve", "units ablated", alt.Tooltip("accuracy (%):Q", format=".1f")])
+    rule = alt.Chart(pd.DataFrame({"x": [step]})).mark_rule(strokeDash=[4, 4]).encode(x=alt.X("x:Q", title=None))
+    return (lines + rule).properties(height=370)  # 300 for the plot, the rest for the legend under it
 
 
 # -- Fig. 4 ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import loaders
 from app.common import chart_downloads, grid, guarded, side_by_side, significance_level, store_and_layer
-from compute.significance import significant_drops
+from compute.analysis.significance import significant_drops
 from figures.overview import curve_chart, curve_frame, median_ratio, significance_counts
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import loaders
-from app.common import chart_downloads, current_store, guarded
+from app.common import chart_downloads, coming_notes, current_store, guarded
 from app.common import table as show
 from figures.prediction import MISSING, accuracy_chart, scoring_notes, table_frame
 from compute import predict
@@ -37,7 +37,8 @@ def _percent(value) -> str:
 
 
 def show_table(table: dict) -> None:
-    cols = st.columns(4)
+    # Two rows of two: four in a row cut the longer values short ("343 / ...") on a 1000 px page.
+    cols = [column for _ in range(2) for column in st.columns(2)]
     ensemble = next((row for row in table["rows"] if row["attribute"] == predict.ENSEMBLE), table["rows"][-1])
     cols[0].metric("Ensemble, strict", _percent(ensemble.get("strict_accuracy")),
                    help="Counts only the largest-drop class, the lowest class index on ties")
@@ -49,7 +50,9 @@ def show_table(table: dict) -> None:
                    f"{table.get('n_excluded', MISSING)}",
                    help="excluded: test units whose ablation lowers no class's accuracy")
     chart, frame = accuracy_chart(table), table_frame(table)
-    st.altair_chart(chart, width="stretch")
+    # Taller on the page than the figure's 320 px: its four title lines, slanted labels and three legends left the
+    # bars a third of it, and the last legend was cut off at the bottom.
+    st.altair_chart(chart.properties(height=460), width="stretch")
     chart_downloads(chart, f"table1-{table['layer']}")
     show(frame, f"table1-{table['layer']}", hide_index=True, width="stretch",
          column_config={c: st.column_config.NumberColumn(format="%.1f") for c in frame.columns
@@ -103,13 +106,33 @@ def render() -> None:
         return
     st.title("Predicting the class a unit matters most for")
     layers = stored_layers(store)
+    coming = False
     if layers:
         layer = st.selectbox("Layer", layers, index=len(layers) - 1, key="prediction_layer")
         show_table(stored_table(store, layer))
     else:
-        st.info(f"{store.name} holds no prediction table yet. Compute one below or with "
-                f"`python -m compute.predict STORE...` (instances of one model; the first three train).")
-    run_form(store, expanded=not layers)
+        coming = announce_table()
+        if not coming:
+            st.info(f"{store.name} holds no prediction table yet. Compute one below or with "
+                    f"`python -m compute.predict STORE...` (instances of one model; the first three train).")
+    run_form(store, expanded=not (layers or coming))
+
+
+def announce_table() -> bool:
+    """Say how far the first run's background work is with Table 1's instances and the table; False when none is
+    being computed (or the suite is not making a table)."""
+    from store.progress import suite_status
+
+    directory = loaders.store_directory()
+    suite = suite_status(directory)
+    if suite is None or not suite.table_stores:
+        return False
+    present = {Path(path).stem for path, _ in loaders.available_stores(str(directory))}
+    missing = [name for name in suite.table_stores if name not in present]
+    names = suite.table_stores
+    split = (f"trains on {', '.join(names[:3])} and tests on {', '.join(names[3:])}" if len(names) > 3
+             else f"is computed over {', '.join(names)}")
+    return coming_notes(missing, f"Table 1 {split}; it appears here when computed.", table=True)
 
 
 guarded(render)

@@ -10,8 +10,8 @@ import streamlit as st
 from app import loaders
 from app.common import (chart_downloads, choose_layer, compare_store, current_store, from_link, guarded, link_refused,
                         linked_select, significance_level, table, to_link)
-from compute.relations import folded_l1
-from compute.significance import significant_drops
+from compute.analysis.relations import folded_l1
+from compute.analysis.significance import significant_drops
 
 TOP_CLASSES = 25
 

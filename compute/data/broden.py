@@ -17,7 +17,7 @@ label has one *primary* category, chosen as NetDissect-Lite does (``primary_cate
 which it covers most (c_<category>.csv's coverage). Without the c_ files, or on a tie, the category in which it
 appears in most images (label.csv's count) decides, then the one listed first. (NetDissect-Lite breaks exact
 coverage ties towards the later category of category.csv.) Whether an image is annotated in a category is then a
-question about the labels it carries, not about the index.csv column they came in: see compute.dissection.
+question about the labels it carries, not about the index.csv column they came in: see compute.lib.dissection.
 
 Masks are decoded lazily, one image at a time: the real Broden has 63,305 images.
 """

@@ -1,4 +1,4 @@
-"""Any traceable nn.Module as the flat sequence of named steps the pipeline works on (``compute.sequence``).
+"""Any traceable nn.Module as the flat sequence of named steps the pipeline works on (``compute.lib.sequence``).
 
 ``torch.fx`` traces the model into one graph of operations. A *clean cut* is a point of that graph where exactly one
 value is passed on: the output of the node just before it (no skip connection or dense concatenation reaches across).

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from compute.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +38,16 @@ class Preprocess:
             transforms.ToTensor(),
             transforms.Normalize(self.mean, self.std),
         ])
+
+    def normalise(self, images_u8: torch.Tensor, device=None) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (already resized and cropped) -> the model's float input: the one transform validation,
+        concept and training images all go through."""
+        import torch
+
+        device = images_u8.device if device is None else device
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (images_u8.to(device, non_blocking=True).float() / 255.0 - mean) / std
 
     def as_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}

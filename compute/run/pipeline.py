@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from compute.options import (DissectionOptions, FlipOptions, GreedyOptions, LiveOptions, RotationOptions,
-                             TopImageOptions, keyed)
+from compute.run.options import (DissectionOptions, FlipOptions, GreedyOptions, LiveOptions, RotationOptions,
+                                 TopImageOptions, keyed)
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,14 @@ def _deepest_unless(field: str, options: type):
 
 def stages() -> list[Stage]:
     """Every stage in run order; a stage comes after the ones it needs."""
-    from compute import (activations, attributes, dissection, greedy, live, relations, rotation, setup,
-                         single_unit, topimages)
+    from compute.stages import (ablation, activations, attributes, dissection, greedy, live, relations, rotation,
+                                setup, topimages)
 
     return [
         Stage("setup", setup.run_stage, per_layer=False, inputs=("data",)),
         Stage("baseline", activations.run_baseline, per_layer=False, sharded=True),
         Stage("activations", activations.run_layers, sharded=True, joint=True),
-        Stage("ablation", single_unit.run_stage, options=(FlipOptions,), sharded=True),
+        Stage("ablation", ablation.run_stage, options=(FlipOptions,), sharded=True),
         Stage("attributes", attributes.run_stage, needs=("activations", "baseline")),
         Stage("dissection", dissection.run_stage, options=(DissectionOptions,),
               inputs=("model", "weights", "concepts"), sharded=True),

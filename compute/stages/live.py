@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compute.sequence import tail_of
+from compute.lib.sequence import tail_of
 from store.writer import create_array, write_array
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compute.attributes import RunningMoments, batch_moments
-from compute.sequence import run_to
+from compute.lib.attributes import RunningMoments, batch_moments
+from compute.lib.sequence import run_to
 from store.writer import write_array
 
 STAGE = "activations"

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compute.distributed import Dist
-from compute.engine import AblationEngine
-from compute.imagecache import ImageCache
-from compute.sequence import run_to, tail_of
+from compute.run.distributed import Dist
+from compute.lib.engine import AblationEngine
+from compute.run.imagecache import ImageCache
+from compute.lib.sequence import run_to, tail_of
 
 
 @dataclass
@@ -28,7 +28,7 @@ class RunContext:
     data_dir: Path
     batch_size: int = 64
     max_memory: int = 1 << 30
-    options: dict = field(default_factory=dict)  # option dataclass -> its values for this run (compute.options)
+    options: dict = field(default_factory=dict)  # option dataclass -> its values for this run (compute.run.options)
     concepts: Path | None = None                 # the Broden-layout concept data set, if the run has one
     files: list = field(default_factory=list)    # the validation images' files, in label order
     sharded: frozenset = frozenset()             # sections declared sharded in the stage table
@@ -90,7 +90,7 @@ class RunContext:
         """
         if stage.split("/")[0] not in self.sharded:
             raise RuntimeError(f"stage {stage} shares its work out between ranks but is not declared sharded in "
-                               f"compute.pipeline: declare it, or the other ranks never run it")
+                               f"compute.run.pipeline: declare it, or the other ranks never run it")
         if not self.dist.active:
             everything = np.arange(items)
             return combine([(everything, compute(everything))])

@@ -2,7 +2,7 @@
 
 Drops are accuracy fractions, baseline minus ablated: 0.15 means 15 points. The class drop is a vector over classes;
 with the same number of images per class the overall drop is its mean. Each drop is kept with the paired counts it
-rests on (images lost and gained, ``compute.significance``) and its McNemar p-value and layer-wide q-value, and the
+rests on (images lost and gained, ``compute.analysis.significance``) and its McNemar p-value and layer-wide q-value, and the
 images themselves: every (unit, image) whose prediction changed, with the prediction before and after
 (``compute.flips``, ``layers/<L>/ablation/flips``).
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compute import flips, significance
-from compute.engine import single_unit_masks
+from compute import flips
+from compute.analysis import significance
+from compute.lib.engine import single_unit_masks
 from store.writer import write_array
 
 
@@ -34,7 +35,7 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
     rows = []
     for acts, labels, indices in ctx.activations([layer], desc=f"ablating {layer} ({len(units)} units)"):
         base = engine.baseline(acts[layer], labels)
-        # predictions alone: rows whose prediction is certified unchanged skip the tail (compute.engine)
+        # predictions alone: rows whose prediction is certified unchanged skip the tail (compute.lib.engine)
         outcome = engine.evaluate_units(acts[layer], labels, masks, base, probabilities=False)
         onehot = torch.nn.functional.one_hot(labels, k).double()
         base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
@@ -91,7 +92,7 @@ def write_drops(h5, group: str, result: dict) -> None:
 
 def _combine(shares: list) -> dict:
     """Put the ranks' unit shares back in unit order (a lone process has one share holding every unit)."""
-    from compute.context import RunContext
+    from compute.run.context import RunContext
 
     first = shares[0][1]
     units = np.sort(np.concatenate([indices for indices, _ in shares]))

@@ -32,11 +32,11 @@ Floating point: the update is summed in a different order than the full product,
 bits, and so do two full float32 runs that batch images differently (BLAS blocking depends on the batch). Where the
 top two logits are that close, "the" float32 prediction is not defined; such rows (margin below ``margin_tol`` times
 the largest absolute logit, at least 1) are recomputed in float64 (through the same update, or the whole tail) and
-decided by ``compute.ties``: logits within the float64 rounding bound of the last product (derived from its operands)
+decided by ``compute.lib.ties``: logits within the float64 rounding bound of the last product (derived from its operands)
 are tied, and a tie goes to the lowest class index. What is guaranteed, on every CPU and for any batching or chunking:
 every row not near a tie equals the full float32 computation; two classes tied in exact arithmetic (equal rows of the
 last layer) are decided for the lower index; a float64 gap beyond twice the bound is decided by value.
-``compute.ties.predict`` applies the same rule to a plain run of a whole network, the reference tests compare with.
+``compute.lib.ties.predict`` applies the same rule to a plain run of a whole network, the reference tests compare with.
 Reduced precision (bf16, TF32) is not used: a bound on its
 error that holds for every input grows with the width of each layer it passes (4096 for fc7) and came out about 140
 times the logits' spread on a random AlexNet (BENCHMARKS.md), so every row would need recomputing. A caller on a GPU
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from compute import ties
+from compute.lib import ties
 
 _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU, nn.Identity,
                 nn.Dropout, nn.Dropout2d)
@@ -87,7 +87,7 @@ class Outcome:
 class _Rows:
     """How to compute chunks of rows (sorted by ablation): float32 logits in two halves (``enter``: rows -> the state
     after the shortcut, ``finish``: state -> logits), float64 logits with their rounding bounds for settling near-ties
-    (``compute.ties``), the memory a chunk needs per row and per distinct ablation in it, and ``certified`` (rows,
+    (``compute.lib.ties``), the memory a chunk needs per row and per distinct ablation in it, and ``certified`` (rows,
     state) -> rows proven to keep the baseline's prediction, where a certificate exists."""
 
     enter: Callable[[torch.Tensor], torch.Tensor]
@@ -402,7 +402,7 @@ class AblationEngine:
 
     def _decide(self, logits: torch.Tensor, labels: torch.Tensor, exact) -> Outcome:
         """Predicted class and true-class probability from float32 logits; rows near a tie are decided by
-        ``exact(close)``, their float64 logits and rounding bounds, under ``compute.ties``' rule."""
+        ``exact(close)``, their float64 logits and rounding bounds, under ``compute.lib.ties``' rule."""
         close = ties.near_tie(logits, self.margin_tol)
         pred = logits.argmax(1)  # unique wherever the row is not close
         prob = torch.log_softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).exp()
@@ -422,7 +422,7 @@ class _Certificate:
     logit by at most ||w_k|| * lipschitz * ||d|| (Cauchy-Schwarz).
 
     A row is certified when, for every class j, its baseline margin less that bound stays above the near-tie band
-    of ``compute.ties`` (``margin_tol`` times the largest absolute logit the ablated row can reach, at least 1). The
+    of ``compute.lib.ties`` (``margin_tol`` times the largest absolute logit the ablated row can reach, at least 1). The
     ablated row's exact top-two margin then exceeds the band, where the engine and the reference decide by value:
     the prediction is the baseline's. The float32 rounding of the margins and of d is what the band is there for,
     as everywhere in the engine (float64 only decides inside it); rows near the bound simply run the tail.

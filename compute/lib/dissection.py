@@ -3,7 +3,7 @@
 For each unit u of a layer, over a concept data set in the Broden layout (compute.data.broden):
 
 1. T_u is the top ``quantile`` (0.5%) of u's activations over every position of every concept image, computed exactly
-   in bounded memory (compute.quantiles.TopQuantile keeps only the tail).
+   in bounded memory (compute.lib.quantiles.TopQuantile keeps only the tail).
 2. On each image u's activation map is upsampled (bilinear) to the segmentation size and binarised: M_u = map > T_u.
 3. For each concept c, IoU(u, c) = sum_images |M_u & L_c| / sum_images (|A_g| + |L_c| - |M_u & L_c|), where L_c
    is the set of pixels that carry c in any of the image's label maps (an image-level label, scene or texture, covers
@@ -51,12 +51,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from compute.data.broden import BrodenDataset, ImageLabels, fingerprint
-from compute.errors import StageSkipped, UserError
-from compute.imagecache import normalise
-from compute.quantiles import TopQuantile
-from compute.sequence import run_to
-from store.writer import write_array
+from compute.data.broden import BrodenDataset, ImageLabels
+from compute.lib.quantiles import TopQuantile
+from compute.lib.sequence import run_to
 
 STAGE = "dissection"
 UNION_RULES = ("image", "pixel")  # see the module docstring; the first is the default
@@ -182,7 +179,7 @@ class ConceptSource:
                                              collate_fn=_collate)
         with tqdm(total=len(data), desc=desc, unit="img", leave=False) as bar:
             for images, labels in loader:
-                acts = run_to(sequence, normalise(images, self.preprocess, self.device), [step])[step]
+                acts = run_to(sequence, self.preprocess.normalise(images, self.device), [step])[step]
                 bar.update(len(images))
                 yield acts.float(), labels
 
@@ -341,64 +338,3 @@ def best_concepts(iou: np.ndarray, category_index: np.ndarray, categories: int) 
             by_category_iou[:, k] = iou[rows, chosen]
     return {"best_concept": best.astype(np.int64), "best_iou": iou[rows, best].astype(np.float32),
             "best_by_category": by_category, "best_by_category_iou": by_category_iou}
-
-
-def write_concepts(h5, table: ConceptTable) -> None:
-    """/concepts, identical from every layer's stage (the store merge keeps one copy)."""
-    write_array(h5, "concepts/names", np.array(table.names, dtype=object))
-    write_array(h5, "concepts/categories", np.array(table.categories, dtype=object))
-    write_array(h5, "concepts/numbers", table.numbers)
-    write_array(h5, "concepts/category_names", np.array(table.category_names, dtype=object))
-
-
-def run_stage(ctx, layer: str) -> None:
-    from compute.imagecache import default_workers
-
-    from compute.options import DissectionOptions
-
-    root = ctx.concepts
-    if root is None:
-        raise StageSkipped("no concept data set: pass --concepts PATH (an unzipped broden1_224)")
-    args = ctx.option(DissectionOptions)
-    if not 0.0 < args.quantile < 1.0:
-        raise UserError(f"--quantile {args.quantile} is not a fraction: use e.g. 0.005 (the top 0.5%)")
-    if args.union_rule not in UNION_RULES:
-        raise UserError(f"--union-rule {args.union_rule} is not one of {', '.join(UNION_RULES)}")
-    source = ConceptSource(BrodenDataset(root), ctx.spec.preprocess, ctx.device, ctx.batch_size,
-                           workers=default_workers() if ctx.device.type == "cuda" else 0)
-    result = _sharded_dissect(ctx, ctx.step(layer), source, args.quantile, args.union_rule, f"{STAGE}/{layer}")
-    if result is None:
-        return
-    best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
-    with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
-        write_concepts(h5, result.table)
-        group = f"layers/{layer}/{STAGE}"
-        write_array(h5, f"{group}/iou", result.iou.astype(np.float32), description="[units, concepts]",
-                    union_rule=result.union_rule)  # on the numbers themselves, and with the other settings below
-        write_array(h5, f"{group}/thresholds", result.thresholds.astype(np.float32),
-                    description=f"top {args.quantile} quantile of each unit over the concept images")
-        for name, value in best.items():
-            write_array(h5, f"{group}/{name}", value)
-        h5[group].attrs.update({"iou_threshold": float(args.iou_threshold), "quantile": float(args.quantile),
-                                "union_rule": result.union_rule,
-                                "concept_images": result.images, "concepts_path": str(root),
-                                "concepts_fingerprint": fingerprint(root)})
-    for name in PASSES:
-        ctx.drop_shards(f"{STAGE}/{layer}/{name}")
-
-
-def _sharded_dissect(ctx, step: str, source: ConceptSource, quantile: float, union_rule: str,
-                     stage: str) -> Dissection | None:
-    """``dissect`` with both passes' batches shared out between ranks; every rank needs the thresholds for its
-    share of the tally, rank 0 alone gets the result (None elsewhere)."""
-    table = ConceptTable.from_broden(source.broden)
-    first, second = (f"{stage}/{name}" for name in PASSES)
-    thresholds = ctx.run_sharded(
-        first, source.batch_count,
-        lambda batches: threshold_state(ctx.sequence, step, source, quantile, batches),
-        lambda shares: merge_thresholds([state for _, state in shares], quantile), everywhere=True)
-    tally = ctx.run_sharded(  # shares of another rule are never reused: the run key holds --union-rule
-        second, source.batch_count,
-        lambda batches: tally_iou(ctx.sequence, step, source, table, thresholds, batches, union_rule).state(),
-        lambda shares: merge_tallies([state for _, state in shares], table, union_rule))
-    return None if tally is None else Dissection(thresholds, tally.iou(), table, tally.images, union_rule)

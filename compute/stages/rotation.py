@@ -1,34 +1,13 @@
-"""Random-rotation baseline (the paper's Sec. 3.4, Fig. 7): ablating random directions instead of units.
-
-Why: if units were no more meaningful than any other basis of the layer's channel space, ablating a random direction
-would hurt single classes as much as ablating a unit does. At a layer with C channels a random orthogonal matrix Q
-(Haar-distributed, ``scipy.stats.ortho_group``, seeded) gives C directions q_j. Ablating direction j expresses the
-activation at every position in the rotated basis z = Q^T a, zeroes coordinate j and rotates back: a' = Q z, which is
-a' = a - q_j (q_j^T a). The tail of the network then runs on a' exactly as for a unit ablation, so the class drop
-vector and the overall drop of every direction are comparable with the units' (``compute.single_unit``). With
-Q = identity the directions are the units themselves.
-
-Store: ``layers/<L>/rotation/class_drop`` [R, C, K], ``overall_drop`` [R, C] and ``seeds`` [R] for R rotations
-(``--rotations R``; seeds 0..R-1), with the paired counts and tests of ``compute.single_unit`` (``lost``, ``gained``,
-``p_value``, ``q_value`` [R, C, K]; q-values corrected over each rotation's C x K tests, as a layer's units are). Under torchrun the directions are shared out between the ranks (every rank does
-its directions of every rotation); correct counts are whole numbers, so the combined drops are the one-process ones.
-"""
+"""The pipeline stage of compute.lib.rotation: read what earlier stages wrote, call it, write the section."""
 
 from __future__ import annotations
-
 import numpy as np
 import torch
-from scipy.stats import ortho_group
-
-from compute import significance
+from compute.analysis import significance
 from compute.errors import StageSkipped
-from compute.single_unit import drops, write_drops
+from compute.stages.ablation import drops, write_drops
 from store.writer import write_array
-
-
-def random_rotation(channels: int, seed: int) -> torch.Tensor:
-    """A Haar-random orthogonal [C, C] matrix, the same for the same (channels, seed); its columns are directions."""
-    return torch.from_numpy(ortho_group.rvs(channels, random_state=seed)).float()
+from compute.lib.rotation import random_rotation
 
 
 @torch.no_grad()
@@ -77,9 +56,9 @@ def _combine(ctx, shares: list) -> list[dict]:
 
 def run_stage(ctx, layer: str) -> None:
     """Sweep every direction of each rotation (directions sharded over ranks under torchrun); rank 0 writes."""
-    from compute.options import RotationOptions
+    from compute.run.options import RotationOptions
 
-    # Which layers it runs on is the stage table's choice (compute.pipeline, --rotation-layers): a direction's
+    # Which layers it runs on is the stage table's choice (compute.run.pipeline, --rotation-layers): a direction's
     # ablation runs the whole tail wherever max pooling follows the layer (it does not commute with a rotation).
     count = ctx.option(RotationOptions).rotations
     if count <= 0:

@@ -69,7 +69,7 @@ class ImageCache:
         return len(self.labels)
 
     def normalise(self, images_u8: torch.Tensor, device) -> torch.Tensor:
-        return normalise(images_u8, self.preprocess, device)
+        return self.preprocess.normalise(images_u8, device)
 
     def batches(self, batch_size: int, device, indices: np.ndarray | None = None):
         """Yield (normalised images, labels, indices) on ``device``, in index order."""
@@ -81,15 +81,6 @@ class ImageCache:
             if pin:
                 images = images.pin_memory()
             yield self.normalise(images, device), self.labels[chosen].to(device), torch.as_tensor(chosen)
-
-
-def normalise(images_u8: torch.Tensor, preprocess, device=None) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> the model's normalised float input: the one transform validation, concept and training
-    images all go through."""
-    device = images_u8.device if device is None else device
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
-    return (images_u8.to(device, non_blocking=True).float() / 255.0 - mean) / std
 
 
 def default_workers() -> int:

@@ -1,0 +1,1 @@
+"""Torch-free analysis the app and the report import: significance tests, attribute-drop relations."""

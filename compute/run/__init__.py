@@ -1,0 +1,1 @@
+"""The run machinery: the stage table and options, the run context, ranks, the image cache, peak memory."""
