@@ -25,6 +25,7 @@ import streamlit as st
 from app import loaders
 from app.common import chart_downloads
 from compute.flips import THUMB_OPTION, kinds, step_slice
+from store.schema import layer_path
 
 MAX_SHOWN = 20  # images per gallery; the rest are counted
 COLUMNS = 5
@@ -40,7 +41,7 @@ def recompute_command(store) -> str:
 
 
 def flips_group(layer: str, section: str) -> str:
-    return f"layers/{layer}/{section}/flips"
+    return layer_path(layer, section, "flips")
 
 
 def has_flips(store, layer: str, section: str) -> bool:
@@ -155,7 +156,7 @@ def images_of(store, indices) -> tuple[dict, str | None]:
 def activation_maps(store, layer: str, units: list[int], indices) -> tuple[dict, float] | None:
     """The summed activation maps [H, W] of ``units`` over each image, and the scale they are shown against (the
     units' largest map maxima over the validation images); None when the store keeps no activations of the layer."""
-    path = f"layers/{layer}/live/acts"
+    path = layer_path(layer, "live", "acts")
     if not store.has(path) or not units:
         return None
     maps = {}
@@ -166,7 +167,7 @@ def activation_maps(store, layer: str, units: list[int], indices) -> tuple[dict,
             every = np.asarray(loaders.array(store.path, path, int(index)), np.float32)
             maps[int(index)] = every[list(units)].sum(0)
     scale = 0.0
-    maxima = f"layers/{layer}/activations/max"
+    maxima = layer_path(layer, "activations", "max")
     for unit in units:
         scale += float(np.max(loaders.array(store.path, maxima, (slice(None), int(unit))))) if store.has(maxima) else 0.0
     if scale <= 0:
@@ -187,7 +188,7 @@ def overlay(image: np.ndarray, amap: np.ndarray | None, scale: float) -> np.ndar
 
 
 def live_layers_note(store, layer: str) -> str:
-    kept = [name for name in store.layers if store.has(f"layers/{name}/live/acts")]
+    kept = [name for name in store.layers if store.has(layer_path(name, "live", "acts"))]
     model = store.attrs.get("model", "MODEL")
     return (f"Plain images: the activation maps need the layer's live data (`layers/{layer}/live/acts`), which this "
             f"store keeps for {', '.join(kept) or 'no layer'} (`python -m compute.all --model {model} --live-layers "
@@ -262,7 +263,7 @@ def show_flips(store, layer: str, rows: dict, units: list[int], key: str, first_
     if not len(rows["image"]):
         st.caption(f"No image changes its predicted class under {what}.")
         return
-    if store.has(f"layers/{layer}/live/acts") and units:
+    if store.has(layer_path(layer, "live", "acts")) and units:
         st.caption(f"Colour: the activation map of unit{'s' if len(units) > 1 else ''} "
                    f"{', '.join(map(str, units))} over each image (blue to red, against the largest activation over "
                    "the validation images).")
@@ -315,7 +316,7 @@ def flips_section(store, layer: str, unit: int, focus_class: str | None, level: 
     cols[0].metric(f"{classes[target]} images lost", int(masks["lost"].sum()), help="right before the ablation, "
                    "wrong after")
     cols[1].metric(f"{classes[target]} images gained", int(masks["gained"].sum()), help="wrong before, right after")
-    if store.has(f"layers/{layer}/ablation/q_value"):
+    if store.has(layer_path(layer, "ablation", "q_value")):
         q = float(loaders.layer_array(store.path, layer, "ablation", "q_value", (unit, target)))
         cols[2].metric("McNemar q-value", f"{q:.3g}", help="exact McNemar test of lost against gained, "
                        "Benjamini-Hochberg over the layer's units x classes: "

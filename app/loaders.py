@@ -12,6 +12,7 @@ import numpy as np
 import streamlit as st
 
 from store import StoreError, StoreReader, list_stores
+from store.schema import layer_path
 
 
 def store_directory() -> Path:
@@ -49,7 +50,7 @@ def array(path: Path, dataset: str, selection=None):
 
 
 def layer_array(path: Path, layer: str, section: str, name: str, selection=None):
-    return array(path, f"layers/{layer}/{section}/{name}", selection)
+    return array(path, layer_path(layer, section, name), selection)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

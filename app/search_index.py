@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+from store.schema import layer_path
 
 # Scalar columns a range can be put on, in the order the picker offers them.
 RANGED = ["max class drop", "overall drop", "least q of a class drop", "best IoU", "L1 norm", "max selectivity",
@@ -42,7 +43,7 @@ def unit_index(path: str, stamp: float) -> pd.DataFrame:
             best = store.layer(layer, "dissection", "best_concept")
             extra.update({"concept": concepts[best].astype(str), "category": categories[best].astype(str),
                           "best IoU": store.layer(layer, "dissection", "best_iou")})
-        if store.has(f"layers/{layer}/ablation/q_value"):
+        if store.has(layer_path(layer, "ablation", "q_value")):
             # the unit's strongest evidence of a drop: the smallest q among its classes that lost accuracy
             q = store.layer(layer, "ablation", "q_value")
             extra[LEAST_Q] = np.where(store.layer(layer, "ablation", "class_drop") > 0, q, 1.0).min(1)

@@ -13,6 +13,7 @@ import streamlit as st
 from app import loaders
 from app.common import table as show_table
 from store import StoreError
+from store.schema import layer_path
 
 DISPLAY = 160  # pixels per shown image: the stored thumbnails are at most 96
 DIM = 0.3  # brightness outside the active region
@@ -21,7 +22,7 @@ COLUMNS = 5
 
 
 def section_attrs(store, layer: str, section: str) -> dict:
-    return loaders.group_attrs(store.path, f"layers/{layer}/{section}")
+    return loaders.group_attrs(store.path, layer_path(layer, section))
 
 
 def missing(store, layer: str, section: str) -> bool:

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from compute.lib import greedy
-from compute.lib.engine import AblationEngine, Outcome
+from compute.lib.engine import AblationEngine, Outcome, correct_counts
 from compute.errors import UserError
 from compute.stages.live import load_tail
 from compute.models import get_spec
 from store import StoreError, StoreReader
+from store.schema import layer_path
 
 
 LIVE_MEMORY_ENV = "UNIT_ABLATION_LIVE_MEMORY"
@@ -141,7 +142,7 @@ class LiveSession:
         """Class accuracy [S+1, K], overall accuracy [S+1] and the predictions [S+1, N] (``path_predictions``) of all
         images as ``order``'s units go one by one."""
         paths = self.path_predictions(order)
-        counts = greedy.correct_counts(paths, self.labels, self.num_classes)  # integer counts, exact
+        counts = correct_counts(paths, self.labels, self.num_classes)  # integer counts, exact
         per_class = np.maximum(np.bincount(self.labels.numpy(), minlength=self.num_classes), 1)
         return counts / per_class, counts.sum(1) / len(self.labels), paths
 
@@ -151,11 +152,11 @@ class LiveSession:
 
 
 def live_layers(reader: StoreReader) -> list[str]:
-    return [layer for layer in reader.layers if reader.has(f"layers/{layer}/live/acts")]
+    return [layer for layer in reader.layers if reader.has(layer_path(layer, "live", "acts"))]
 
 
 def tail_state(reader: StoreReader, layer: str) -> dict[str, np.ndarray]:
-    prefix = f"layers/{layer}/live/tail/"
+    prefix = layer_path(layer, "live", "tail") + "/"
     names = sorted(path[len(prefix):] for path in reader.contents if path.startswith(prefix))  # "fc6.weight", ...
     return {name: reader.read(prefix + name) for name in names}
 
@@ -170,10 +171,10 @@ def load_session(path, layer: str, max_memory: int = 1 << 30, hold: int | None =
         spec = get_spec(str(reader.attrs.get("model", "")))
     except UserError as error:
         raise StoreError(f"{reader.path.name} was made with a model this tool does not know ({error})") from None
-    info = reader.read_attrs(f"layers/{layer}/live")
+    info = reader.read_attrs(layer_path(layer, "live"))
     num_classes = int(info.get("num_classes", len(reader.classes)))
     tail = load_tail(spec, num_classes, layer, tail_state(reader, layer))
-    acts = StoredActivations(reader, f"layers/{layer}/live/acts", live_memory_budget() if hold is None else hold,
+    acts = StoredActivations(reader, layer_path(layer, "live", "acts"), live_memory_budget() if hold is None else hold,
                              block_bytes)
     labels = torch.from_numpy(reader.read("images/labels").astype(np.int64))
     return LiveSession(layer, acts, labels, list(reader.classes), AblationEngine(tail, max_memory=max_memory))

@@ -44,6 +44,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from compute.errors import UserError, run_cli
+from store.schema import layer_path, prediction_path
 
 # Table 1's attributes: (name, section, dataset under layers/<layer>/).
 FEATURES = (
@@ -118,7 +119,7 @@ def load_instance(path, layer: str | None) -> tuple[Instance, str]:
         store.require(layer, "ablation")
         store.require(layer, "attributes")
         features = {name: np.asarray(store.layer(layer, section, dataset), np.float64)
-                    for name, section, dataset in FEATURES if store.has(f"layers/{layer}/{section}/{dataset}")}
+                    for name, section, dataset in FEATURES if store.has(layer_path(layer, section, dataset))}
         class_drop = store.layer(layer, "ablation", "class_drop")
         concepts = store.read("concepts/names") if store.has("concepts/names") else None
     except StoreError as error:
@@ -337,7 +338,7 @@ def save_table(table: dict) -> None:
     written under their names; the strict score and the bootstrap intervals are added beside them."""
     from store.writer import amend, write_array
 
-    group = f"prediction/{table['layer']}"
+    group = prediction_path(table['layer'])
     rows = table["rows"]
     arrays = {
         "attributes": np.array([r["attribute"] for r in rows], dtype=object),
@@ -401,7 +402,7 @@ def read_table(arrays: dict, attrs: dict, layer: str) -> dict:
 
 def read_stored(store, layer: str) -> dict:
     """The table stored in ``store`` (a StoreReader) for ``layer``, old or new (the datasets it lacks read as None)."""
-    group = f"prediction/{layer}"
+    group = prediction_path(layer)
     arrays = {name: store.read(f"{group}/{name}") for name in DATASETS + NEW_DATASETS if store.has(f"{group}/{name}")}
     return read_table(arrays, store.read_attrs(group), layer)
 

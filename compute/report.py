@@ -28,6 +28,7 @@ from figures import FORMATS, render
 from figures import attributes as fig5
 from figures import dissection, greedy, overview, prediction, rotation, variants
 from store import StoreError, StoreReader
+from store.schema import layer_path, prediction_path
 
 DETECTOR_IOU = 0.04
 
@@ -84,7 +85,7 @@ class Report:
 
 def optional(store: StoreReader, layer: str, section: str, name: str):
     """A layer's dataset, or None in a store written before it existed."""
-    path = f"layers/{layer}/{section}/{name}"
+    path = layer_path(layer, section, name)
     return store.read(path) if store.has(path) else None
 
 
@@ -143,7 +144,7 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
         read = store_reader(store.read, store.has, layer)
         attributes, targets = scalar_attributes(read), drop_targets(read)
         table = coefficients(read, attributes, targets)
-        l1 = store.read_attrs(f"layers/{layer}/attributes/l1")
+        l1 = store.read_attrs(layer_path(layer, "attributes", "l1"))
         if folded_l1(l1):
             attributes, table = name_folded_l1(attributes, table)
             report.note("Fig. 5", f"{layer}: {FOLDED_L1} is |gamma| / sqrt(running var + eps) * ||w||_1 of "
@@ -175,7 +176,7 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
             numbers = pd.concat([rotation.sorted_band(v).assign(kind=kind) for kind, v in values.items()])
             report.figure(f"fig7-{layer}-{name.replace(' ', '-')}",
                           rotation.curve_chart(values, name).properties(title=f"{title}: {name}"), numbers)
-    if store.has(f"prediction/{layer}/accuracy"):
+    if store.has(prediction_path(layer, "accuracy")):
         from compute.predict import read_stored
 
         table = read_stored(store, layer)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from compute import paths
 from compute.errors import UserError, run_cli
+from store.schema import layer_path, prediction_path
 
 VARIANT_MODELS = ("demo", "demo-bn", "demo-dropout")
 # The first run's background stores hold only what their pages read, at conv5 only, so that the set fits in the first
@@ -106,7 +107,7 @@ def store_summary(path) -> str:
     layer = next((name for name in store.layers if store.has_section(name, "ablation")), None)
     if layer is None:
         return "no ablation results"
-    accuracy = store.read_attrs(f"layers/{layer}/ablation").get("baseline_overall_acc")
+    accuracy = store.read_attrs(layer_path(layer, "ablation")).get("baseline_overall_acc")
     return f"validation accuracy {accuracy:.3f}, layers {', '.join(store.layers)}"
 
 
@@ -218,7 +219,7 @@ def table_stored(store, instances: list[Path]) -> bool:
     """Whether ``store`` holds Table 1 at TABLE_LAYER trained and tested on exactly ``instances``."""
     import json
 
-    group = f"prediction/{TABLE_LAYER}"
+    group = prediction_path(TABLE_LAYER)
     if not store.has(f"{group}/accuracy"):
         return False
     attrs = store.read_attrs(group)

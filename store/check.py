@@ -215,7 +215,7 @@ def _check_layout(handle, attrs: dict, datasets: dict, layers: list[str], report
             report.problems.append(f"layer {layer} was asked for (config) but has no results; " + report.fix)
     for layer in layers:
         for section, paths in LAYER_SECTIONS.items():
-            wanted = [f"layers/{layer}/{p}" for p in paths]
+            wanted = [layer_path(layer, p) for p in paths]
             missing = [p for p in wanted if p not in datasets]
             if len(missing) == len(wanted):
                 report.problems.append(f"layers/{layer} has no {section} section: {_section_command(section, attrs)}")
@@ -224,7 +224,7 @@ def _check_layout(handle, attrs: dict, datasets: dict, layers: list[str], report
     optional = (set(SECTION_COMMANDS) | {p.split("/")[0] for p in LAYER_SHAPES}) - set(LAYER_SECTIONS)
     for stage, skipped in _recorded_stages(handle):
         section, _, layer = stage.partition("/")
-        if section in optional and not skipped and layer and not _present(handle, f"layers/{layer}/{section}"):
+        if section in optional and not skipped and layer and not _present(handle, layer_path(layer, section)):
             report.problems.append(f"stage {stage} is recorded as finished but 'layers/{layer}/{section}' is missing: "
                                    f"the store was edited or damaged; " + report.fix)
 
@@ -279,7 +279,7 @@ def _check_counts(datasets: dict, layers: list[str], report: Report) -> None:
     per_class = np.bincount(datasets["images/labels"][()], minlength=len(datasets["classes"])).astype(np.float64)
     for layer in layers:
         for section in ("ablation", "rotation"):
-            paths = [f"layers/{layer}/{section}/{name}" for name in ("lost", "gained", "class_drop")]
+            paths = [layer_path(layer, section, name) for name in ("lost", "gained", "class_drop")]
             if not all(path in datasets for path in paths):
                 continue
             lost, gained, drop = (datasets[path][()] for path in paths)
@@ -297,10 +297,10 @@ def _layer_units(handle, layer: str, report: Report):
     """The layer group's 'units' (None when absent or unreadable); its attributes of the wrong type are reported."""
     try:
         attrs = {key: value.decode() if isinstance(value, bytes) else value
-                 for key, value in handle[f"layers/{layer}"].attrs.items()}
+                 for key, value in handle[layer_path(layer)].attrs.items()}
     except Exception:  # noqa: BLE001 - unreadable attributes are reported by the walk
         return None
-    problems = attribute_problems(attrs, LAYER_ATTRS, f"layers/{layer}")
+    problems = attribute_problems(attrs, LAYER_ATTRS, layer_path(layer))
     report.problems.extend(f"{problem}: the store is malformed; " + report.fix for problem in problems)
     return attrs.get("units")
 

@@ -126,7 +126,7 @@ class StoreReader:
         layers = {layer: {key: _decode(value) for key, value in handle[layer_path(layer)].attrs.items()}
                   for layer in layers_of(self.datasets)}
         wrong = [problem for layer, attrs in layers.items()
-                 for problem in attribute_problems(attrs, LAYER_ATTRS, f"layers/{layer}")]
+                 for problem in attribute_problems(attrs, LAYER_ATTRS, layer_path(layer))]
         self._refuse(wrong, "the store is malformed")
         units = {layer: attrs.get("units") for layer, attrs in layers.items()}
         shapes = {path: shape for path, (shape, _) in self._metadata.items()}

@@ -75,7 +75,13 @@ class StoreError(Exception):
 
 
 def layer_path(layer: str, *parts: str) -> str:
+    """``layers/<layer>/<parts...>``: where a layer's sections live (every path under ``layers/`` is built here)."""
     return "/".join(("layers", layer) + parts)
+
+
+def prediction_path(layer: str, *parts: str) -> str:
+    """``prediction/<layer>/<parts...>``: compute.predict's table of a layer, amended into a finished store."""
+    return "/".join(("prediction", layer) + parts)
 
 
 # -- What the writer writes, for the reader (when it opens a store) and store.check ----------------------------------

@@ -34,10 +34,10 @@ def evidence_store(tiny_run, tmp_path, monkeypatch):
 def test_overview_counts_units_with_a_significant_drop(evidence_store):
     at = open_view("overview", evidence_store["path"], layer="conv5")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Significant class drop"] == f"1 of {evidence_store['units']} units"
-    assert metrics["Significant overall drop"] == f"0 of {evidence_store['units']} units"
+    assert metrics["Significant class drop"] == f"1 / {evidence_store['units']}"
+    assert metrics["Significant overall drop"] == f"0 / {evidence_store['units']}"
     at = open_view("overview", evidence_store["path"], layer="conv5", fdr="0.01")
-    assert {m.label: m.value for m in at.metric}["Significant class drop"] == f"0 of {evidence_store['units']} units"
+    assert {m.label: m.value for m in at.metric}["Significant class drop"] == f"0 / {evidence_store['units']}"
 
 
 def test_unit_page_marks_significant_classes_with_their_counts(evidence_store):

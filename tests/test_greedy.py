@@ -10,7 +10,7 @@ from torch import nn
 
 from compute.lib import greedy, ties
 from compute.stages import greedy as greedy_stage
-from compute.lib.engine import AblationEngine
+from compute.lib.engine import AblationEngine, correct_counts
 from compute.errors import UserError
 from store import StoreReader
 
@@ -106,7 +106,7 @@ def test_ablation_paths_equal_zeroed_prefixes():
             with torch.no_grad():
                 expected = ties.predict(tail, acts * keep[None, :, None, None])
             assert torch.equal(pred[row, step], expected)
-    counts = greedy.correct_counts(pred, labels, 4)
+    counts = correct_counts(pred, labels, 4)
     assert counts.shape == (2, 4, 4) and counts[0, 0].sum() == (pred[0, 0] == labels).sum().item()
     assert greedy.ablation_paths(AblationEngine(tail), acts, labels, np.zeros((0, 3), int)).shape == (0, 4, 48)
 

@@ -21,6 +21,7 @@ from app.common import chart_downloads, compare_store, guarded, store_and_layer,
 from compute.analysis.relations import (CONFIDENCE, FOLDED_L1, SIGN_NOTE, TARGETS, coefficients, drop_targets,
                                         folded_l1, name_folded_l1, scalar_attributes, store_reader)
 from figures.attributes import PAPER_SIGN_COLUMN, coefficient_frame, scatter_grid, unit_frame
+from store.schema import layer_path
 
 TARGET_NAMES = [name for name, *_ in TARGETS]
 
@@ -60,7 +61,7 @@ def layer_data(store, layer: str) -> tuple[pd.DataFrame, dict, list[str]]:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _l1_attrs(path: str, stamp: float, layer: str) -> dict:
-    return loaders.reader(Path(path)).read_attrs(f"layers/{layer}/attributes/l1")
+    return loaders.reader(Path(path)).read_attrs(layer_path(layer, "attributes", "l1"))
 
 
 def l1_attrs(store, layer: str) -> dict:
@@ -87,7 +88,7 @@ def coefficient_table(store, layer: str, coefficients_table: dict) -> None:
           width="stretch", column_config={c: st.column_config.NumberColumn(format="%.3g") for c in
                                           ("Pearson r", PAPER_SIGN_COLUMN, "Pearson r p", "Spearman ρ",
                                            "Spearman ρ p")})
-    if not store.has(f"layers/{layer}/relations/pearson_r"):
+    if not store.has(layer_path(layer, "relations", "pearson_r")):
         st.caption("Computed here without bootstrap intervals: rerun `python -m compute.all` for the stored table.")
 
 

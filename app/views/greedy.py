@@ -19,6 +19,7 @@ from app.flip_sections import has_flips, recompute_command, show_flips, step_fli
 from compute.flips import changed
 from figures.greedy import class_curves, drop_summary, greedy_against_random, selection_bias
 from store import StoreError
+from store.schema import layer_path
 
 LOSERS = 10  # other classes shown as losing most
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -41,7 +42,7 @@ def unit_url(store, layer: str, unit: int) -> str:
 
 def show_top_images(store, layer: str, unit: int) -> None:
     """The unit's top activating images, once the topimages stage has stored thumbnails."""
-    path = f"layers/{layer}/topimages/thumbs"
+    path = layer_path(layer, "topimages", "thumbs")
     if store.has(path):
         thumbs = loaders.array(store.path, path, int(unit))
         st.image(list(thumbs), width=80)
@@ -324,7 +325,7 @@ def save_job(store, job: dict, name: str) -> None:
     from store.writer import amend, write_array
 
     order, result = job_order(job), job["result"]
-    group = f"layers/{job['layer']}/greedy_live/{name}"
+    group = layer_path(job['layer'], "greedy_live", name)
     with amend(store.path) as h5:
         if group in h5:
             del h5[group]
@@ -340,7 +341,7 @@ def save_job(store, job: dict, name: str) -> None:
 
 
 def saved_runs(store, layer: str) -> None:
-    prefix = f"layers/{layer}/greedy_live/"
+    prefix = layer_path(layer, "greedy_live") + "/"
     names = sorted({p[len(prefix):].split("/")[0] for p in store.contents if p.startswith(prefix)})
     if not names:
         return
@@ -354,7 +355,7 @@ def saved_runs(store, layer: str) -> None:
 
 
 def live(store) -> None:
-    layers = [layer for layer in store.layers if store.has(f"layers/{layer}/live/acts")]
+    layers = [layer for layer in store.layers if store.has(layer_path(layer, "live", "acts"))]
     if not layers:
         try:
             store.require(store.layers[-1] if store.layers else "?", "live")
@@ -364,7 +365,7 @@ def live(store) -> None:
     from compute.live_session import live_memory_budget  # imports torch: only on a store with live data
 
     layer = st.selectbox("Layer (layers with live data)", layers, index=len(layers) - 1, key="live_layer")
-    size = int(np.prod(store.shape(f"layers/{layer}/live/acts"))) * 4
+    size = int(np.prod(store.shape(layer_path(layer, "live", "acts")))) * 4
     held = size <= live_memory_budget()
     where = f"{size / 2**20:,.0f} MB in memory" if held else f"{size / 2**30:,.1f} GB, read from the store as needed"
     if not st.toggle(f"Load {layer}'s activations for live work ({where})", key="live_on",

@@ -10,11 +10,12 @@ from app import loaders
 from app.common import chart_downloads, grid, guarded, side_by_side, significance_level, store_and_layer
 from compute.analysis.significance import significant_drops
 from figures.overview import curve_chart, curve_frame, median_ratio, significance_counts
+from store.schema import layer_path
 
 
 def optional_layer_array(store, layer: str, section: str, name: str):
     """A layer's dataset, or None in a store written before it existed."""
-    return loaders.layer_array(store.path, layer, section, name) if store.has(f"layers/{layer}/{section}/{name}") \
+    return loaders.layer_array(store.path, layer, section, name) if store.has(layer_path(layer, section, name)) \
         else None
 
 
@@ -26,7 +27,7 @@ def layer_view(store, layer: str, level: float) -> None:
     q_value = optional_layer_array(store, layer, "ablation", "q_value")
     counts = significance_counts(class_drop, q_value, overall,
                                  optional_layer_array(store, layer, "ablation", "overall_q_value"), level)
-    accuracy = loaders.group_attrs(store.path, f"layers/{layer}/ablation").get("baseline_overall_acc")
+    accuracy = loaders.group_attrs(store.path, layer_path(layer, "ablation")).get("baseline_overall_acc")
     per_class = np.bincount(loaders.array(store.path, "images/labels"))
     max_drop = class_drop.max(1)
     ratio = median_ratio(class_drop, overall, store.attrs.get("num_images", 1))
@@ -44,8 +45,8 @@ def layer_view(store, layer: str, level: float) -> None:
                         f"median ratio {ratio:.1f}x in this layer")
     for column, key in zip(cols[1:], ("units with a significant class drop", "units with a significant overall drop")):
         found = counts[key]  # label kept short: it shares a third of the page at 1000 px
-        column.metric(key.replace("units with a s", "S"), "—" if found is None else f"{found} of {len(overall)} units",
-                      help=f"q < {level}" if found is not None else "this store predates the significance tests: "
+        column.metric(key.replace("units with a s", "S"), "—" if found is None else f"{found} / {len(overall)}",
+                      help=f"units, of the layer's {len(overall)}, with q < {level}" if found is not None else "this store predates the significance tests: "
                       f"recompute it with `python -m compute.all --model {store.attrs.get('model', 'MODEL')} --force`")
     significant = None if q_value is None else significant_drops(q_value, class_drop, level).any(1)
     frame = curve_frame(class_drop, overall, significant)

@@ -16,17 +16,18 @@ from app.common import table as show
 from figures.prediction import MISSING, accuracy_chart, scoring_notes, table_frame
 from compute import predict
 from compute.errors import UserError
+from store.schema import prediction_path
 
 # Every stored table has these; the strict score's datasets (predict.NEW_DATASETS) are read where present.
 DATASETS = predict.DATASETS
 
 
 def stored_layers(store) -> list[str]:
-    return [layer for layer in store.layers if store.has(f"prediction/{layer}/accuracy")]
+    return [layer for layer in store.layers if store.has(prediction_path(layer, "accuracy"))]
 
 
 def stored_table(store, layer: str) -> dict:
-    group = f"prediction/{layer}"
+    group = prediction_path(layer)
     arrays = {name: loaders.array(store.path, f"{group}/{name}") for name in DATASETS + predict.NEW_DATASETS
               if name in DATASETS or store.has(f"{group}/{name}")}
     return predict.read_table(arrays, store.read_attrs(group), layer)

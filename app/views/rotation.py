@@ -19,11 +19,12 @@ from app import loaders
 from app.common import chart_downloads, guarded, side_by_side, significance_level, split, store_and_layer, table
 from figures.rotation import (EFFECT, TEST_NOTE, TESTED, comparison, curve_chart, curves, format_p,
                               mann_whitney_frame, sorted_band, summary_row)
+from store.schema import layer_path
 
 
 def optional_array(store, layer: str, section: str, name: str):
     """A layer's dataset, or None in a store written before it existed."""
-    return loaders.layer_array(store.path, layer, section, name) if store.has(f"layers/{layer}/{section}/{name}") \
+    return loaders.layer_array(store.path, layer, section, name) if store.has(layer_path(layer, section, name)) \
         else None
 
 

@@ -12,6 +12,7 @@ from app.common import (chart_downloads, choose_layer, compare_store, current_st
                         linked_select, significance_level, table, to_link)
 from compute.analysis.relations import folded_l1
 from compute.analysis.significance import significant_drops
+from store.schema import layer_path
 
 TOP_CLASSES = 25
 
@@ -61,7 +62,7 @@ def drop_chart(frame: pd.DataFrame, focus: str | None) -> alt.Chart:
 def evidence(store, layer: str, unit: int) -> dict | None:
     """The unit's paired counts and q-values per class, or None in a store written before they were kept."""
     names = ("lost", "gained", "q_value")
-    if not all(store.has(f"layers/{layer}/ablation/{name}") for name in names):
+    if not all(store.has(layer_path(layer, "ablation", name)) for name in names):
         return None
     return {name: loaders.layer_array(store.path, layer, "ablation", name, unit) for name in names}
 
@@ -69,7 +70,7 @@ def evidence(store, layer: str, unit: int) -> dict | None:
 def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tuple[str, str]]:
     rows = []
     if store.has_section(layer, "attributes"):
-        l1_attrs = loaders.group_attrs(store.path, f"layers/{layer}/attributes/l1")
+        l1_attrs = loaders.group_attrs(store.path, layer_path(layer, "attributes", "l1"))
         label = "BN-folded L1 norm" if folded_l1(l1_attrs) else "L1 norm"
         l1 = float(loaders.layer_array(store.path, layer, 'attributes', 'l1', unit))
         rows.append((label, "not applicable (no conv writes this layer's channels)" if l1_attrs.get("not_applicable")
@@ -79,7 +80,7 @@ def attribute_rows(store, layer: str, unit: int, classes: list[str]) -> list[tup
             best = int(np.argmax(vector))
             rows.append((label, f"{vector[best]:.3f} (max, for {classes[best]})"))
         for name in ("sparsity", "act_mean", "act_std"):
-            path = f"layers/{layer}/attributes/{name}"
+            path = layer_path(layer, "attributes", name)
             if store.has(path):
                 rows.append((name.replace("act_", "activation "), f"{float(loaders.array(store.path, path, unit)):.3f}"))
     return rows

@@ -18,6 +18,7 @@ from app import loaders
 from app.common import chart_downloads, coming_notes, current_store, from_link, guarded, table, to_link
 from figures.variants import detector_chart, max_drop_chart, sorted_max_drops
 from store import StoreError
+from store.schema import layer_path
 
 DEFAULT_SET = ("demo", "demo-bn", "demo-dropout")
 
@@ -102,7 +103,7 @@ def summary_table(stores: dict, frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (name, layer), group in frame.groupby(["store", "layer"], sort=False):
         store = stores[name]
-        accuracy = store.read_attrs(f"layers/{layer}/ablation").get("baseline_overall_acc", np.nan)
+        accuracy = store.read_attrs(layer_path(layer, "ablation")).get("baseline_overall_acc", np.nan)
         rows.append({"store": name, "model": store.attrs.get("model", "?"), "layer": layer,
                      "val accuracy (%)": 100 * float(accuracy), "units": len(group),
                      "median max class drop": group["max class drop"].median(),

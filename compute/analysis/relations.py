@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 from scipy import stats
+from store.schema import layer_path
 
 # (name, section, dataset, reduction to one number per unit). Per-class attributes use the maximum over classes,
 # as the paper does ("in terms of the class with maximum value").
@@ -159,7 +160,7 @@ def store_reader(read_path, has_path, layer: str) -> Reader:
     """read(section, name) over a finished store's layer, from ``read_path(path)`` and ``has_path(path)`` (a
     StoreReader's, or the app's cached ones); None where the store lacks the dataset."""
     def read(section: str, name: str):
-        path = f"layers/{layer}/{section}/{name}"
+        path = layer_path(layer, section, name)
         return read_path(path) if has_path(path) else None
     return read
 

@@ -49,6 +49,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -612,3 +613,10 @@ def _selections(masks: torch.Tensor) -> list:
 
 def single_unit_masks(units: int, device=None) -> torch.Tensor:
     return torch.eye(units, dtype=torch.bool, device=device)
+
+
+def correct_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """The one per-class count of correct predictions, [..., B] -> [..., K] (float64 integers, to sum over batches)."""
+    labels = labels.to(pred.device)
+    onehot = torch.nn.functional.one_hot(labels, num_classes).double()
+    return ((pred == labels).double() @ onehot).cpu().numpy()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from compute.lib.engine import AblationEngine, Outcome
+from compute.lib.engine import AblationEngine, Outcome, correct_counts
 from compute.errors import UserError
 
 TIE_BREAK = "lowest class accuracy, then lowest mean true-class probability, then lowest unit index"
@@ -146,13 +146,6 @@ def ablation_paths(engine: AblationEngine, acts: torch.Tensor, labels: torch.Ten
         return torch.zeros(masks.shape[:2] + (len(labels),), dtype=torch.long)
     outcome = engine.evaluate_units(acts, labels, masks.flatten(0, 1), probabilities=False)
     return outcome.pred.reshape(masks.shape[0], masks.shape[1], -1)
-
-
-def correct_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Correct predictions per class, [..., B] -> [..., K] (float64 integers, to sum over batches)."""
-    labels = labels.to(pred.device)
-    onehot = torch.nn.functional.one_hot(labels, num_classes).double()
-    return ((pred == labels).double() @ onehot).cpu().numpy()
 
 
 def random_orders(units: int, steps: int, seeds: int, class_index: int) -> np.ndarray:

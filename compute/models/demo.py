@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from compute.errors import MissingWeights, UserError
-from compute.models.registry import ModelSpec, Preprocess, register, sha256_of, state_dict_in
+from compute.models.registry import ModelSpec, Preprocess, read_state_dict, register, sha256_of
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 24  # SynthScenes' scene classes (compute.data.synthscenes.CLASSES)
@@ -66,13 +65,8 @@ def weights_file(model_name: str, seed: int, data_dir: Path) -> Path:
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a state dict saved by compute.train (weights_only: a shared checkpoint must not run code)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise UserError(f"cannot read weights file {path} ({type(error).__name__}): delete it and retrain with "
-                        f"`python -m compute.train`, or pass a valid --weights") from None
-    state = state_dict_in(state, path)
+    """Load a state dict saved by compute.train (through the one checkpoint reader, registry.read_state_dict)."""
+    state = read_state_dict(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -98,7 +98,7 @@ def make_spec(name: str, image_size: int | None = None, mean=None, std=None) -> 
 def with_checkpoint_classes(spec: GenericSpec, path: Path) -> GenericSpec:
     """A copy of ``spec`` predicting the class count of the checkpoint at ``path`` (known before the data set is
     read, so a data set of another class count is refused before any model is built)."""
-    from compute.models.zoo import read_state_dict
+    from compute.models.registry import read_state_dict
 
     if not path.is_file():
         raise UserError(f"weights file {path} not found: check the --weights path")
@@ -289,7 +289,8 @@ def _torchvision_weights(name: str, arch: str, data_dir: Path) -> Path:
 
 def load_checkpoint(build, path: Path, name: str) -> nn.Module:
     """The model built for the checkpoint's class count with the checkpoint's weights, in eval mode."""
-    from compute.models.zoo import _few, read_state_dict
+    from compute.models.registry import read_state_dict
+    from compute.models.zoo import _few
 
     state = read_state_dict(path)
     probe = build(None)

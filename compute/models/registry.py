@@ -7,6 +7,7 @@ after it. Ablating a unit means setting that channel of the step's output to zer
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -229,3 +230,22 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, whatever wrapper it came in: a plain state dict, or a dict holding one under
+    ``state_dict``/``model_state_dict``/``model``; ``module.`` (DataParallel) removed wherever it sits in a key. The
+    one reader of every checkpoint file (weights_only: a shared checkpoint must not run code)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe:
+            raise UserError(f"weights file {path} holds a pickled {unsafe.group(1)}, which a safe load refuses (it "
+                            f"could run code): re-save it as model.state_dict()") from None
+        raise UserError(f"cannot read weights file {path} ({type(error).__name__}): the file is truncated or not a "
+                        f"PyTorch checkpoint; fetch or save it again") from None
+    state = state_dict_in(state, path)
+    return {".".join(part for part in key.split(".") if part != "module"): value for key, value in state.items()}

@@ -27,7 +27,8 @@ from torchvision import models
 from compute.errors import UserError
 from compute.models.demo import weights_file
 from compute.models.registry import ModelSpec, Preprocess, register, sha256_of
-from compute.models.zoo import ARCHS, ZOO, alexnet_sequence, read_state_dict
+from compute.models.registry import read_state_dict
+from compute.models.zoo import ARCHS, ZOO, alexnet_sequence
 
 VARIANT_KINDS = {"bn": dict(batch_norm=True, channel_dropout=0.0),
                  "dropout": dict(batch_norm=False, channel_dropout=0.5)}

@@ -20,7 +20,6 @@ experiments), conv1 and conv2 on request; ResNet18 all four stages, as the paper
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 from torchvision import models
 
 from compute.errors import UserError
-from compute.models.registry import ModelSpec, Preprocess, register, sha256_of, state_dict_in
+from compute.models.registry import ModelSpec, Preprocess, read_state_dict, register, sha256_of
 
 PLACES_URL = "http://places2.csail.mit.edu/models_places365/{}"
 
@@ -128,22 +127,6 @@ def find_weights(name: str, source: Source, weights: Path | None, data_dir: Path
                         f"({type(error).__name__}: {error}): download it from {source.url} and put it in "
                         f"{local.parent}/ or {cached.parent}/, or pass --weights PATH") from None
     return cached
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, whatever wrapper it came in: a plain state dict, or a dict holding one under
-    ``state_dict``/``model_state_dict``/``model``; ``module.`` (DataParallel) removed wherever it sits in a key."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe:
-            raise UserError(f"weights file {path} holds a pickled {unsafe.group(1)}, which a safe load refuses (it "
-                            f"could run code): re-save it as model.state_dict()") from None
-        raise UserError(f"cannot read weights file {path} ({type(error).__name__}): the file is truncated or not a "
-                        f"PyTorch checkpoint; fetch or save it again") from None
-    state = state_dict_in(state, path)
-    return {".".join(part for part in key.split(".") if part != "module"): value for key, value in state.items()}
 
 
 def _guess_arch(state: dict) -> str | None:

@@ -14,8 +14,9 @@ import torch
 
 from compute import flips
 from compute.analysis import significance
-from compute.lib.engine import single_unit_masks
+from compute.lib.engine import correct_counts, single_unit_masks
 from store.writer import write_array
+from store.schema import layer_path
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
         # predictions alone: rows whose prediction is certified unchanged skip the tail (compute.lib.engine)
         outcome = engine.evaluate_units(acts[layer], labels, masks, base, probabilities=False)
         onehot = torch.nn.functional.one_hot(labels, k).double()
-        base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
+        base_correct += correct_counts(base.pred, labels, k)
         batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
         lost += batch_lost.cpu().numpy()
         gained += batch_gained.cpu().numpy()
@@ -112,7 +113,7 @@ def run_stage(ctx, layer: str) -> None:
         return
     result = drops(swept)
     with ctx.writer.stage(stage) as h5:
-        group = f"layers/{layer}/ablation"
+        group = layer_path(layer, "ablation")
         write_array(h5, f"{group}/baseline_class_acc", result["baseline_class_acc"])
         write_drops(h5, group, result)
         h5[group].attrs["baseline_overall_acc"] = result["baseline_overall_acc"]

@@ -14,6 +14,7 @@ import torch
 from compute.lib.attributes import RunningMoments, batch_moments
 from compute.lib.sequence import run_to
 from store.writer import write_array
+from store.schema import layer_path
 
 STAGE = "activations"
 
@@ -73,7 +74,7 @@ def run_layers(ctx, layers: list[str]) -> None:
         return
     for layer in layers:
         shape = tuple(acts_shape(ctx, layer))
-        group = f"layers/{layer}/activations"
+        group = layer_path(layer, "activations")
         moments = result[f"{layer}/moments"]
         with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
             write_array(h5, f"{group}/mean", result[f"{layer}/mean"], description="spatial mean per image and unit")
@@ -81,8 +82,8 @@ def run_layers(ctx, layers: list[str]) -> None:
             write_array(h5, f"{group}/moment_mean", moments.mean.astype(np.float32))
             write_array(h5, f"{group}/moment_std", moments.std.astype(np.float32))
             write_array(h5, f"{group}/sparsity", moments.sparsity.astype(np.float32))
-            h5[f"layers/{layer}"].attrs["units"] = shape[0]
-            h5[f"layers/{layer}"].attrs["map_shape"] = shape[1:]
+            h5[layer_path(layer)].attrs["units"] = shape[0]
+            h5[layer_path(layer)].attrs["map_shape"] = shape[1:]
     ctx.drop_shards(f"{STAGE}/{'+'.join(layers)}")
 
 

@@ -7,6 +7,7 @@ from compute.errors import StageSkipped, UserError
 from store.writer import write_array
 from compute.lib.dissection import (ConceptSource, ConceptTable, Dissection, PASSES, STAGE, UNION_RULES,
                                     best_concepts, merge_tallies, merge_thresholds, tally_iou, threshold_state)
+from store.schema import layer_path
 
 
 def write_concepts(h5, table: ConceptTable) -> None:
@@ -38,7 +39,7 @@ def run_stage(ctx, layer: str) -> None:
     best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
     with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
         write_concepts(h5, result.table)
-        group = f"layers/{layer}/{STAGE}"
+        group = layer_path(layer, STAGE)
         write_array(h5, f"{group}/iou", result.iou.astype(np.float32), description="[units, concepts]",
                     union_rule=result.union_rule)  # on the numbers themselves, and with the other settings below
         write_array(h5, f"{group}/thresholds", result.thresholds.astype(np.float32),

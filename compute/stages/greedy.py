@@ -6,8 +6,10 @@ import torch
 from compute import flips as flip_tables
 from compute.errors import StageSkipped, UserError
 from store.writer import write_array
-from compute.lib.greedy import (SPLIT, TIE_BREAK, ablation_paths, class_accuracy_paths, correct_counts, greedy,
+from compute.lib.engine import correct_counts
+from compute.lib.greedy import (SPLIT, TIE_BREAK, ablation_paths, class_accuracy_paths, greedy,
                                 random_orders, resolve_classes)
+from store.schema import layer_path
 
 
 # -- the pipeline stage ------------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def run_stage(ctx, layer: str) -> None:
     counts = stacked["counts"]
     images_per_class = np.maximum(np.bincount(ctx.labels, minlength=ctx.num_classes), 1)
     with ctx.writer.stage(stage) as h5:
-        group = f"layers/{layer}/greedy"
+        group = layer_path(layer, "greedy")
         write_array(h5, f"{group}/classes", classes)
         for name in ("order", "heldout_order"):
             write_array(h5, f"{group}/{name}", stacked[name].astype(np.int64))

@@ -12,13 +12,14 @@ import torch
 
 from compute.lib.sequence import tail_of
 from store.writer import create_array, write_array
+from store.schema import layer_path
 
 
 def run_stage(ctx, layer: str) -> None:
     step = ctx.step(layer)
     tail = tail_of(ctx.sequence, step)
     with ctx.writer.stage(f"live/{layer}") as h5:
-        group = f"layers/{layer}/live"
+        group = layer_path(layer, "live")
         first = True
         for acts, _, idx in ctx.activations([layer], desc=f"keeping {layer} activations for live work"):
             a = acts[layer].cpu().numpy()

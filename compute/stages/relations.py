@@ -3,6 +3,7 @@
 from __future__ import annotations
 from compute.analysis.relations import (BOOTSTRAP_SEED, CONFIDENCE, N_RESAMPLES, Reader, drop_targets, relation_table,
                                         scalar_attributes)
+from store.schema import layer_path
 
 
 def _part_reader(writer, layer: str) -> Reader:
@@ -13,7 +14,7 @@ def _part_reader(writer, layer: str) -> Reader:
         if not writer.done(stage):
             return None
         try:
-            return writer.read_part(stage, f"layers/{layer}/{section}/{name}")
+            return writer.read_part(stage, layer_path(layer, section, name))
         except KeyError:
             return None
     return read
@@ -31,7 +32,7 @@ def run_stage(ctx, layer: str) -> None:
         raise StageSkipped(f"no unit attributes for {layer}")
     table = relation_table(attributes, targets)
     with ctx.writer.stage(f"relations/{layer}") as h5:
-        group = f"layers/{layer}/relations"
+        group = layer_path(layer, "relations")
         for name, value in table.items():
             write_array(h5, f"{group}/{name}", value)
         h5[group].attrs.update({"n_resamples": N_RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,

@@ -7,7 +7,9 @@ from compute.analysis import significance
 from compute.errors import StageSkipped
 from compute.stages.ablation import drops, write_drops
 from store.writer import write_array
+from compute.lib.engine import correct_counts
 from compute.lib.rotation import random_rotation
+from store.schema import layer_path
 
 
 @torch.no_grad()
@@ -27,7 +29,7 @@ def sweep(ctx, layer: str, rotations: list[torch.Tensor], directions=None) -> li
     for acts, labels, _ in ctx.activations([layer], desc=f"rotating {layer} ({len(rotations)} x {len(directions)})"):
         base = engine.baseline(acts[layer], labels)
         onehot = torch.nn.functional.one_hot(labels, k).double()
-        base_correct += ((base.pred == labels).double() @ onehot).cpu().numpy()
+        base_correct += correct_counts(base.pred, labels, k)
         for r, rotation in enumerate(rotations):
             outcome = engine.evaluate_directions(acts[layer], labels, rotation, directions, base, probabilities=False)
             batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
@@ -72,7 +74,7 @@ def run_stage(ctx, layer: str) -> None:
     if results is None:
         return
     with ctx.writer.stage(stage) as h5:
-        group = f"layers/{layer}/rotation"
+        group = layer_path(layer, "rotation")
         write_drops(h5, group, {name: np.stack([r[name] for r in results]) for name in results[0]
                                 if name != "baseline_overall_acc"})
         h5[f"{group}/class_drop"].attrs["axes"] = "rotation, direction, class"

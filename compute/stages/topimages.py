@@ -8,6 +8,7 @@ from compute.errors import StageSkipped
 from compute.lib.quantiles import TopQuantile
 from store.writer import write_array
 from compute.lib.topimages import MAX_THUMB, STAGE, thumbnail, top_indices
+from store.schema import layer_path
 
 
 def validation_thresholds(ctx, layer: str, quantile: float) -> np.ndarray:
@@ -49,11 +50,11 @@ def run_stage(ctx, layer: str) -> None:
     top_k, quantile = ctx.option(TopImageOptions).top_k, ctx.option(DissectionOptions).quantile
     if top_k <= 0:
         raise StageSkipped(f"--top-k {top_k}: no top images kept")
-    maxes = ctx.writer.read_part(f"activations/{layer}", f"layers/{layer}/activations/max")
+    maxes = ctx.writer.read_part(f"activations/{layer}", layer_path(layer, "activations", "max"))
     order, scores = top_indices(maxes, min(top_k, maxes.shape[0]))
     dissected = f"dissection/{layer}"
     if ctx.writer.done(dissected) and not ctx.writer.skipped(dissected):
-        thresholds = ctx.writer.read_part(f"dissection/{layer}", f"layers/{layer}/dissection/thresholds")
+        thresholds = ctx.writer.read_part(f"dissection/{layer}", layer_path(layer, "dissection", "thresholds"))
         source = "dissection (concept images)"
     else:
         thresholds = validation_thresholds(ctx, layer, quantile)
@@ -62,7 +63,7 @@ def run_stage(ctx, layer: str) -> None:
     masks = unit_masks(ctx, layer, order, thresholds, size)
     thumbs = {int(i): thumbnail(ctx.images.images[int(i)], size) for i in np.unique(order)}
     with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
-        group = f"layers/{layer}/{STAGE}"
+        group = layer_path(layer, STAGE)
         write_array(h5, f"{group}/indices", order.astype(np.int64), description="validation image index [units, k]")
         write_array(h5, f"{group}/scores", scores.astype(np.float32), description="max of the activation map")
         write_array(h5, f"{group}/thumbs", np.array([[thumbs[int(i)] for i in row] for row in order], np.uint8),
