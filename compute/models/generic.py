@@ -289,8 +289,7 @@ def _torchvision_weights(name: str, arch: str, data_dir: Path) -> Path:
 
 def load_checkpoint(build, path: Path, name: str) -> nn.Module:
     """The model built for the checkpoint's class count with the checkpoint's weights, in eval mode."""
-    from compute.models.registry import read_state_dict
-    from compute.models.zoo import _few
+    from compute.models.registry import key_mismatch, read_state_dict
 
     state = read_state_dict(path)
     probe = build(None)
@@ -298,13 +297,9 @@ def load_checkpoint(build, path: Path, name: str) -> nn.Module:
     key = f"{last[0]}.weight" if last else None
     classes = int(state[key].shape[0]) if key in state else None
     model = build(classes) if classes and classes != classes_of(probe) else probe
-    expected = set(model.state_dict())
-    missing = {k for k in expected - set(state) if not k.endswith("num_batches_tracked")}
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise UserError(f"weights file {path} does not fit {name}: {_few('missing', missing)}"
-                        f"{'; ' if missing and unexpected else ''}{_few('unexpected', unexpected)}: pass a state dict "
-                        f"of this architecture")
+    mismatch = key_mismatch(model, state)
+    if mismatch:
+        raise UserError(f"weights file {path} does not fit {name}: {mismatch}: pass a state dict of this architecture")
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches inside the network

@@ -249,3 +249,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                         f"PyTorch checkpoint; fetch or save it again") from None
     state = state_dict_in(state, path)
     return {".".join(part for part in key.split(".") if part != "module"): value for key, value in state.items()}
+
+
+def key_mismatch(model, state: dict) -> str:
+    """How a state dict's keys differ from a model's ("" when they fit): the missing and unexpected keys, a few named.
+    Checkpoints saved before PyTorch 0.4 (the CSAIL ResNet) lack batch norm's counters, which it fills in itself."""
+    expected = set(model.state_dict())
+    missing = {key for key in expected - set(state) if not key.endswith("num_batches_tracked")}
+    unexpected = set(state) - expected
+    return "; ".join(_few(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+
+
+def _few(label: str, keys: set[str]) -> str:
+    shown = sorted(keys)[:3]
+    return f"{len(keys)} {label} keys ({', '.join(shown)}{', ...' if len(keys) > 3 else ''})"

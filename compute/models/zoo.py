@@ -29,7 +29,7 @@ from torch import nn
 from torchvision import models
 
 from compute.errors import UserError
-from compute.models.registry import ModelSpec, Preprocess, read_state_dict, register, sha256_of
+from compute.models.registry import ModelSpec, Preprocess, key_mismatch, read_state_dict, register, sha256_of
 
 PLACES_URL = "http://places2.csail.mit.edu/models_places365/{}"
 
@@ -156,21 +156,10 @@ def check_fits(name: str, model: nn.Module, state: dict, path: Path) -> None:
         advice = (f"use --model {fitting[0]} or the right file" if fitting
                   else f"pass weights trained on {classes} classes")
         raise UserError(f"checkpoint {path} has {have} classes but {name} needs {classes}: {advice}")
-    expected = set(model.state_dict())
-    # Checkpoints saved before PyTorch 0.4 (the CSAIL ResNet) lack these counters; batch norm fills them in.
-    missing = {key for key in expected - set(state) if not key.endswith("num_batches_tracked")}
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise UserError(f"weights file {path} does not fit {name} ({arch}): {_few('missing', missing)}"
-                        f"{'; ' if missing and unexpected else ''}{_few('unexpected', unexpected)}: "
+    mismatch = key_mismatch(model, state)
+    if mismatch:
+        raise UserError(f"weights file {path} does not fit {name} ({arch}): {mismatch}: "
                         f"pass a checkpoint of torchvision's {arch} with {classes} classes")
-
-
-def _few(label: str, keys: set[str]) -> str:
-    if not keys:
-        return ""
-    shown = sorted(keys)[:3]
-    return f"{len(keys)} {label} keys ({', '.join(shown)}{', ...' if len(keys) > 3 else ''})"
 
 
 def _make_loader(name: str):
