@@ -118,8 +118,10 @@ def plan(table: list[Stage], layers: list[str], options: dict, inputs: dict) -> 
 
 def why_recomputed(step: Step, previous: dict | None, recomputed: set[str]) -> str:
     """One line: what changed since the stage's result was made (``previous``: the store's record of it)."""
-    if previous is None or "key" not in previous:
+    if previous is None:
         return "not in the store yet"
+    if "key" not in previous:
+        return "the store was written before per-stage keys"
     for group, what in (("inputs", "input"), ("options", "option")):
         old, new = previous.get(group, {}), step.record[group]
         for name in sorted(set(old) | set(new)):
