@@ -6,6 +6,7 @@ equal ``compute.lib.ties.predict`` of the whole network with the unit zeroed.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,6 @@ from compute.lib import ties
 from compute.lib.engine import (AblationEngine, _Certificate, _conv_norm, _lipschitz, _windows_per_input,
                                 single_unit_masks)
 from compute.models.demo import build_demo
-from compute.paths import weights_dir
 from compute.lib.sequence import run_to, tail_of
 from tests.test_engine import lively, random_rotation
 
@@ -179,10 +179,9 @@ def random_demo():
     return lively(build_demo()), torch.randn(12, 3, 64, 64)
 
 
-def trained_demo():
-    path = weights_dir() / "demo-seed0.pt"
-    if not path.exists():
-        pytest.skip(f"no trained demo in {path.parent} (python -m compute.train)")
+def trained_demo(tiny_run):
+    """The test session's trained demo (tests/conftest.py: two epochs on tiny SynthScenes), not ./data's."""
+    path = Path(tiny_run["data_dir"]) / "weights" / "demo-seed0.pt"
     model = build_demo()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     torch.manual_seed(3)
@@ -191,8 +190,8 @@ def trained_demo():
 
 @pytest.mark.parametrize("make", [trained_like, random_demo, trained_demo])
 @pytest.mark.parametrize("step", ["relu3", "relu4", "relu5"])
-def test_single_units_equal_naive(make, step):
-    model, images = make()
+def test_single_units_equal_naive(make, step, request):
+    model, images = make(request.getfixturevalue("tiny_run")) if make is trained_demo else make()
     acts = run_to(model, images, [step])[step]
     labels = run_to(model, images, [], run_all=True)["logits"].argmax(1)
     engine = AblationEngine(tail_of(model, step))
