@@ -177,7 +177,7 @@ def layer_figures(report: Report, store: StoreReader, layer: str) -> None:
             report.figure(f"fig7-{layer}-{name.replace(' ', '-')}",
                           rotation.curve_chart(values, name).properties(title=f"{title}: {name}"), numbers)
     if store.has(prediction_path(layer, "accuracy")):
-        from compute.predict import read_stored
+        from compute.analysis.prediction import read_stored
 
         table = read_stored(store, layer)
         report.figure(f"table1-{layer}", prediction.accuracy_chart(table), prediction.table_frame(table))

@@ -200,7 +200,7 @@ def first_run(args, passed: list[str], data_dir: Path) -> int:
 
 def table_one(instances: list[Path]) -> int:
     """Table 1 over ``instances`` (the first three train), stored in each; kept when already stored for them."""
-    from compute import predict
+    from compute.analysis import prediction as predict
     from store import StoreReader
 
     if not instances[0].exists():

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from compute import predict
+from compute.analysis import prediction as predict
 from compute.errors import UserError
 from store import StoreReader, StoreWriter
 from store.writer import write_array
@@ -104,7 +104,9 @@ def test_reproducible_by_seed(instances):
 
 
 def test_cli_prints_and_stores_the_table(instances, capsys):
-    assert predict.main([str(p) for p in instances] + ["--layer", LAYER, "--seed", "1", "--resamples", "500"]) == 0
+    from compute.predict import main
+
+    assert main([str(p) for p in instances] + ["--layer", LAYER, "--seed", "1", "--resamples", "500"]) == 0
     out = capsys.readouterr().out
     assert "class correlation" in out and "ensemble" in out and "chance (uniform)" in out
     assert "strict" in out and "lenient" in out and "does not say how it scores ties" in out

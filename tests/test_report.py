@@ -197,7 +197,7 @@ def prediction_instance(directory, name: str, seed: int):
 
 
 def test_table1_has_the_strict_score_and_bootstrap_intervals(tmp_path):
-    from compute import predict
+    from compute.analysis import prediction as predict
     from figures.prediction import scoring_notes, table_frame
 
     paths = [prediction_instance(tmp_path, f"seed{s}", s) for s in range(5)]

@@ -14,7 +14,7 @@ from app import loaders
 from app.common import chart_downloads, coming_notes, current_store, guarded
 from app.common import table as show
 from figures.prediction import MISSING, accuracy_chart, scoring_notes, table_frame
-from compute import predict
+from compute.analysis import prediction as predict
 from compute.errors import UserError
 from store.schema import prediction_path
 
