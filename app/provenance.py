@@ -34,5 +34,9 @@ def show(info) -> None:
                 st.caption(f"**{key}**: {info.attrs[key]}")
         records = info.stage_records()
         if records:
+            # One line per stage: the sidebar is too narrow for a table of five columns.
             st.caption("**stages** (a rerun with other settings recomputes only the stages they change)")
-            st.dataframe(stage_rows(records), hide_index=True, width="stretch")
+            for row in stage_rows(records).itertuples():
+                took = "" if row.seconds is None or row.seconds != row.seconds else f" · {row.seconds:.1f} s"
+                details = "; ".join(part for part in (row.options if row.options != "—" else "", row.note) if part)
+                st.caption(f"`{row.stage}`{took}" + (f" · {details}" if details else ""))
