@@ -48,19 +48,18 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, IDLE, VIEWPORT, Watch, free_port  # noqa: E402
+from tests.browser import (CHROMIUM, CHROMIUM_ARGS, IDLE, VIEWPORT, Watch, start_streamlit,  # noqa: E402
+                           stop_streamlit)
 
 TIMING_ENV = "APP_SESSIONS_TIMING"
 POLL_MS = 100  # how often the pages are polled: finer costs the cores the server needs
@@ -159,44 +158,12 @@ def serve() -> None:
 
 
 def start_server(store_dir: Path, data_dir: Path, log: Path, timing: Path | None, timeout: float = 120.0):
-    """(process, base URL) of the app on a free loopback port, once /_stcore/health answers."""
-    port = free_port()
-    env = dict(os.environ, UNIT_ABLATION_STORES=str(store_dir), UNIT_ABLATION_DATA=str(data_dir),
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    head = [sys.executable, "-m", "streamlit"]
-    if timing is not None:
-        env[TIMING_ENV] = str(timing)
-        head = [sys.executable, "-c", "from bench.app_sessions import serve; serve()"]
-    command = head + ["run", "app/main.py", "--server.headless", "true", "--server.fileWatcherType", "none",
-                      "--server.port", str(port), "--server.address", "127.0.0.1",
-                      "--browser.gatherUsageStats", "false", "--server.runOnSave", "false",
-                      "--client.toolbarMode", "viewer"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(process)
-            raise RuntimeError(f"streamlit did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
-
-def stop_server(process) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """(process, base URL) of the app on a free loopback port, once /_stcore/health answers; with ``timing``, every
+    script run is timed into that file (``serve``)."""
+    if timing is None:
+        return start_streamlit(store_dir, data_dir, log, timeout)
+    return start_streamlit(store_dir, data_dir, log, timeout, env={TIMING_ENV: str(timing)},
+                           head=[sys.executable, "-c", "from bench.app_sessions import serve; serve()"])
 
 
 # -- /proc sampling --------------------------------------------------------------------------------------------------
@@ -576,7 +543,7 @@ def main(argv=None) -> int:
     finally:
         sampler.stop.set()
         sampler.join(5)
-        stop_server(process)
+        stop_streamlit(process)
     runs = read_runs(timing)
     result = summary(args, layer, units, records, loads, runs, phase_start, sampler)
     print(f"store {args.store_name}, layer {layer} ({units} units), {args.sessions} sessions for {args.seconds:.0f} s"

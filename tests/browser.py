@@ -83,37 +83,51 @@ def artifacts_dir() -> Path:
 @contextmanager
 def streamlit_server(stores: Path, data_dir: Path, log: Path, timeout: float = 60.0):
     """Run the app on a free port against ``stores``; yield its base URL once /_stcore/health answers."""
+    process, url = start_streamlit(stores, data_dir, log, timeout)
+    try:
+        yield url
+    finally:
+        stop_streamlit(process)
+
+
+def start_streamlit(stores: Path, data_dir: Path, log: Path, timeout: float = 60.0, head: list | None = None,
+                    env: dict | None = None):
+    """(process, base URL) of ``streamlit run app/main.py`` on a free loopback port, once /_stcore/health answers.
+    ``head`` replaces ``python -m streamlit`` (a wrapper that times script runs), ``env`` adds variables."""
     port = free_port()
     env = dict(os.environ, UNIT_ABLATION_STORES=str(stores), UNIT_ABLATION_DATA=str(data_dir),
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-               # a file edited while the tests run must not rerun the page under them
-               "--server.fileWatcherType", "none", "--server.runOnSave", "false", "--client.toolbarMode", "viewer"]
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {}))
+    command = (head or [sys.executable, "-m", "streamlit"]) + [
+        "run", "app/main.py", "--server.headless", "true", "--server.port", str(port), "--server.address",
+        "127.0.0.1", "--browser.gatherUsageStats", "false",
+        # a file edited while the tests run must not rerun the page under them
+        "--server.fileWatcherType", "none", "--server.runOnSave", "false", "--client.toolbarMode", "viewer"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"streamlit did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_streamlit(process)
+            raise RuntimeError(f"streamlit did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_streamlit(process) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager
