@@ -154,7 +154,7 @@ def test_union_rule_option_reaches_the_store(tmp_path):
     ctx = RunContext(spec=spec, model=broden_fixture.block_sequence(), images=None, class_names=[], layers=["blocks"],
                      device=torch.device("cpu"), writer=writer, config={}, data_dir=tmp_path, batch_size=2,
                      options=options, concepts=root, sharded=frozenset({"dissection"}))
-    run_stage(ctx, "blocks")
+    run_stage(ctx, ["blocks"])
     with h5py.File(writer.commit(), "r") as h5:
         group = h5["layers/blocks/dissection"]
         assert group.attrs["union_rule"] == "pixel" and group["iou"].attrs["union_rule"] == "pixel"

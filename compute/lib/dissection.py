@@ -34,6 +34,9 @@ but not centre-cropped, so the segmentation masks keep covering the whole image,
 The tally is exact integer pixel counting: per batch, the binarised maps [B, units, pixels] times each image's
 concept coverage [pixels, concepts present] (one matrix product), accumulated in float64.
 
+Each pass reads the concept images once for every layer being dissected (``threshold_states``, ``tally_ious``):
+decoding the images and their label maps, and the network's prefix, cost the same for one layer or five.
+
 Under torchrun both passes share the concept images out between the ranks, whole batches each (so every image is
 computed in the batch it has in one process). For the thresholds each rank keeps the exact bounded tail of its
 images (TopQuantile.state) and the tails are merged; the tallies are sums of whole numbers. Either way the combined
@@ -167,9 +170,10 @@ class ConceptSource:
     def batch_count(self) -> int:
         return (len(self.broden) + self.batch_size - 1) // self.batch_size
 
-    def maps(self, sequence, step: str, table: ConceptTable | None, desc: str, batches=None):
-        """Yield (activation maps [B, units, h, w] float, encoded labels or Nones) over the concept set's batches
-        (default: all of them)."""
+    def maps(self, sequence, steps: list[str], table: ConceptTable | None, desc: str, batches=None):
+        """Yield ({step: activation maps [B, units, h, w] float}, encoded labels or Nones) over the concept set's
+        batches (default: all of them). One forward pass per batch serves every step: the images are read, decoded
+        and run through the network's prefix once however many layers are dissected."""
         data = ConceptImages(self.broden, self.preprocess.crop, table)
         if batches is not None:  # whole batches: the selected images fall into the same batches as in a full pass
             start = np.asarray(batches, np.int64)[:, None] * self.batch_size
@@ -179,20 +183,29 @@ class ConceptSource:
                                              collate_fn=_collate)
         with tqdm(total=len(data), desc=desc, unit="img", leave=False) as bar:
             for images, labels in loader:
-                acts = run_to(sequence, self.preprocess.normalise(images, self.device), [step])[step]
+                outputs = run_to(sequence, self.preprocess.normalise(images, self.device), list(steps))
                 bar.update(len(images))
-                yield acts.float(), labels
+                yield {step: outputs[step].float() for step in steps}, labels
+
+
+def threshold_states(sequence, steps: list[str], source: ConceptSource, quantile: float,
+                     batches=None) -> dict[str, dict]:
+    """Per step, the bounded tail per unit of these batches' activations (TopQuantile.state), to merge into the
+    thresholds; one pass over the images for all the steps."""
+    sketches: dict[str, TopQuantile] = {}
+    for maps, _ in source.maps(sequence, steps, None, desc=f"thresholds {', '.join(steps)}", batches=batches):
+        for step, acts in maps.items():
+            b, units, h, w = acts.shape
+            if step not in sketches:
+                sketches[step] = TopQuantile(units, len(source.broden) * h * w, quantile, acts.device)
+            sketches[step].update(acts.transpose(0, 1).reshape(units, b * h * w))
+    return {step: {"total": np.array(sketches[step].total), **sketches[step].state()} if step in sketches
+            else {"seen": np.array(0)} for step in steps}
 
 
 def threshold_state(sequence, step: str, source: ConceptSource, quantile: float, batches=None) -> dict:
-    """The bounded tail per unit of these batches' activations (TopQuantile.state), to merge into the thresholds."""
-    sketch = None
-    for acts, _ in source.maps(sequence, step, None, desc=f"thresholds {step}", batches=batches):
-        b, units, h, w = acts.shape
-        if sketch is None:
-            sketch = TopQuantile(units, len(source.broden) * h * w, quantile, acts.device)
-        sketch.update(acts.transpose(0, 1).reshape(units, b * h * w))
-    return {"total": np.array(sketch.total), **sketch.state()} if sketch else {"seen": np.array(0)}
+    """``threshold_states`` of one step."""
+    return threshold_states(sequence, [step], source, quantile, batches)[step]
 
 
 def merge_thresholds(states: list[dict], quantile: float) -> np.ndarray:
@@ -286,16 +299,26 @@ def _groups_by_shape(labels: list[EncodedLabels]) -> dict[tuple[int, int], list[
     return groups
 
 
+def tally_ious(sequence, thresholds: dict[str, np.ndarray], source: ConceptSource, table: ConceptTable,
+               batches=None, union_rule: str = UNION_RULES[0]) -> dict[str, IoUTally]:
+    """Per step (the keys of ``thresholds``), binarise each upsampled map at its unit's threshold and count overlaps
+    with every concept (over the given batches, default all); one pass over the images for all the steps."""
+    tallies = {step: IoUTally(len(limit), table, source.device, union_rule) for step, limit in thresholds.items()}
+    limits = {step: torch.as_tensor(limit, dtype=torch.float32, device=source.device)
+              for step, limit in thresholds.items()}
+    for maps, labels in source.maps(sequence, list(thresholds), table, desc=f"IoU {', '.join(thresholds)}",
+                                    batches=batches):
+        groups = [(members, [labels[i] for i in members]) for members in _groups_by_shape(labels).values()]
+        for step, acts in maps.items():
+            for members, group in groups:
+                tallies[step].update(acts[members], limits[step], group)
+    return tallies
+
+
 def tally_iou(sequence, step: str, source: ConceptSource, table: ConceptTable, thresholds: np.ndarray,
               batches=None, union_rule: str = UNION_RULES[0]) -> IoUTally:
-    """Binarise each upsampled map at its unit's threshold and count overlaps with every concept (over the given
-    batches, default all)."""
-    tally = IoUTally(len(thresholds), table, source.device, union_rule)
-    limits = torch.as_tensor(thresholds, dtype=torch.float32, device=source.device)
-    for acts, labels in source.maps(sequence, step, table, desc=f"IoU {step}", batches=batches):
-        for members in _groups_by_shape(labels).values():
-            tally.update(acts[members], limits, [labels[i] for i in members])
-    return tally
+    """``tally_ious`` of one step."""
+    return tally_ious(sequence, {step: thresholds}, source, table, batches, union_rule)[step]
 
 
 def merge_tallies(states: list[dict], table: ConceptTable, union_rule: str = UNION_RULES[0]) -> IoUTally:

@@ -59,7 +59,7 @@ def stages() -> list[Stage]:
         Stage("ablation", ablation.run_stage, options=(FlipOptions,), sharded=True),
         Stage("attributes", attributes.run_stage, needs=("activations", "baseline")),
         Stage("dissection", dissection.run_stage, options=(DissectionOptions,),
-              inputs=("model", "weights", "concepts"), sharded=True),
+              inputs=("model", "weights", "concepts"), sharded=True, joint=True),
         Stage("topimages", topimages.run_stage, needs=("activations", "dissection"),
               options=(TopImageOptions, DissectionOptions)),
         Stage("relations", relations.run_stage, needs=("ablation", "attributes", "dissection")),

@@ -6,7 +6,7 @@ from compute.data.broden import BrodenDataset, fingerprint
 from compute.errors import StageSkipped, UserError
 from store.writer import write_array
 from compute.lib.dissection import (ConceptSource, ConceptTable, Dissection, PASSES, STAGE, UNION_RULES,
-                                    best_concepts, merge_tallies, merge_thresholds, tally_iou, threshold_state)
+                                    best_concepts, merge_tallies, merge_thresholds, tally_ious, threshold_states)
 from store.schema import layer_path
 
 
@@ -18,7 +18,9 @@ def write_concepts(h5, table: ConceptTable) -> None:
     write_array(h5, "concepts/category_names", np.array(table.category_names, dtype=object))
 
 
-def run_stage(ctx, layer: str) -> None:
+def run_stage(ctx, layers: list[str]) -> None:
+    """Dissect every due layer; both passes over the concept images serve all of them (the images are read and run
+    through the network's prefix twice in all, not twice per layer). A part per layer."""
     from compute.run.imagecache import default_workers
 
     from compute.run.options import DissectionOptions
@@ -33,9 +35,17 @@ def run_stage(ctx, layer: str) -> None:
         raise UserError(f"--union-rule {args.union_rule} is not one of {', '.join(UNION_RULES)}")
     source = ConceptSource(BrodenDataset(root), ctx.spec.preprocess, ctx.device, ctx.batch_size,
                            workers=default_workers() if ctx.device.type == "cuda" else 0)
-    result = _sharded_dissect(ctx, ctx.step(layer), source, args.quantile, args.union_rule, f"{STAGE}/{layer}")
-    if result is None:
+    joint = f"{STAGE}/{'+'.join(layers)}"
+    results = _sharded_dissect(ctx, layers, source, args.quantile, args.union_rule, joint)
+    if results is None:
         return
+    for layer, result in results.items():
+        _write(ctx, layer, result, args, root)
+    for name in PASSES:
+        ctx.drop_shards(f"{joint}/{name}")
+
+
+def _write(ctx, layer: str, result: Dissection, args, root) -> None:
     best = best_concepts(result.iou, result.table.category_index, len(result.table.category_names))
     with ctx.writer.stage(f"{STAGE}/{layer}") as h5:
         write_concepts(h5, result.table)
@@ -50,22 +60,36 @@ def run_stage(ctx, layer: str) -> None:
                                 "union_rule": result.union_rule,
                                 "concept_images": result.images, "concepts_path": str(root),
                                 "concepts_fingerprint": fingerprint(root)})
-    for name in PASSES:
-        ctx.drop_shards(f"{STAGE}/{layer}/{name}")
 
 
-def _sharded_dissect(ctx, step: str, source: ConceptSource, quantile: float, union_rule: str,
-                     stage: str) -> Dissection | None:
-    """``dissect`` with both passes' batches shared out between ranks; every rank needs the thresholds for its
-    share of the tally, rank 0 alone gets the result (None elsewhere)."""
+def _sharded_dissect(ctx, layers: list[str], source: ConceptSource, quantile: float, union_rule: str,
+                     stage: str) -> dict[str, Dissection] | None:
+    """``dissect`` of each layer, with both passes' batches shared out between ranks; every rank needs the thresholds
+    for its share of the tally, rank 0 alone gets the results (None elsewhere). Shard arrays are named
+    ``<layer>/<name>``."""
     table = ConceptTable.from_broden(source.broden)
+    steps = {ctx.step(layer): layer for layer in layers}
     first, second = (f"{stage}/{name}" for name in PASSES)
+
+    def by_layer(states: dict) -> dict:
+        return {f"{steps[step]}/{name}": value for step, state in states.items() for name, value in state.items()}
+
+    def of_layer(shares: list, layer: str) -> list[dict]:
+        prefix = f"{layer}/"
+        return [{name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
+                for _, arrays in shares]
+
     thresholds = ctx.run_sharded(
         first, source.batch_count,
-        lambda batches: threshold_state(ctx.sequence, step, source, quantile, batches),
-        lambda shares: merge_thresholds([state for _, state in shares], quantile), everywhere=True)
-    tally = ctx.run_sharded(  # shares of another rule are never reused: the run key holds --union-rule
+        lambda batches: by_layer(threshold_states(ctx.sequence, list(steps), source, quantile, batches)),
+        lambda shares: {step: merge_thresholds(of_layer(shares, layer), quantile) for step, layer in steps.items()},
+        everywhere=True)
+    tallies = ctx.run_sharded(  # shares of another rule are never reused: the run key holds --union-rule
         second, source.batch_count,
-        lambda batches: tally_iou(ctx.sequence, step, source, table, thresholds, batches, union_rule).state(),
-        lambda shares: merge_tallies([state for _, state in shares], table, union_rule))
-    return None if tally is None else Dissection(thresholds, tally.iou(), table, tally.images, union_rule)
+        lambda batches: by_layer({step: tally.state() for step, tally in
+                                  tally_ious(ctx.sequence, thresholds, source, table, batches, union_rule).items()}),
+        lambda shares: {step: merge_tallies(of_layer(shares, layer), table, union_rule) for step, layer in steps.items()})
+    if tallies is None:
+        return None
+    return {steps[step]: Dissection(thresholds[step], tally.iou(), table, tally.images, union_rule)
+            for step, tally in tallies.items()}
