@@ -56,7 +56,7 @@ def stages() -> list[Stage]:
         Stage("setup", setup.run_stage, per_layer=False, inputs=("data",)),
         Stage("baseline", activations.run_baseline, per_layer=False, sharded=True),
         Stage("activations", activations.run_layers, sharded=True, joint=True),
-        Stage("ablation", ablation.run_stage, options=(FlipOptions,), sharded=True),
+        Stage("ablation", ablation.run_stage, options=(FlipOptions,), sharded=True, joint=True),
         Stage("attributes", attributes.run_stage, needs=("activations", "baseline")),
         Stage("dissection", dissection.run_stage, options=(DissectionOptions,),
               inputs=("model", "weights", "concepts"), sharded=True, joint=True),

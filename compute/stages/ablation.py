@@ -24,30 +24,43 @@ def sweep(ctx, layer: str, units: np.ndarray | None = None) -> dict:
     """Per class, the baseline's correct count and, for each unit ablated alone, the images lost and gained; and the
     flip table of these units (``flip_unit``, ``flip_image``, ``flip_before``, ``flip_after``: global unit numbers,
     sorted by unit, then image)."""
-    engine = ctx.engine(layer)
-    total = ctx.units(layer)
-    units = np.arange(total) if units is None else np.asarray(units)
-    masks = single_unit_masks(total, ctx.device)[torch.as_tensor(units, device=ctx.device)]
+    return sweep_layers(ctx, {layer: np.arange(ctx.units(layer)) if units is None else np.asarray(units)})[layer]
+
+
+@torch.no_grad()
+def sweep_layers(ctx, units: dict[str, np.ndarray]) -> dict[str, dict]:
+    """``sweep`` of several layers (the given units of each) in one pass over the validation images: each batch runs
+    the network's prefix once, up to the deepest layer, and every layer's sweep takes its activations from it."""
+    layers = list(units)
+    engines = {layer: ctx.engine(layer) for layer in layers}
+    masks = {layer: single_unit_masks(ctx.units(layer), ctx.device)[torch.as_tensor(units[layer], device=ctx.device,
+                                                                                   dtype=torch.long)]
+             for layer in layers}
     k = ctx.num_classes
-    base_correct = np.zeros(k)
-    lost = np.zeros((len(units), k))
-    gained = np.zeros((len(units), k))
-    unit_numbers = torch.as_tensor(units, dtype=torch.long)
-    rows = []
-    for acts, labels, indices in ctx.activations([layer], desc=f"ablating {layer} ({len(units)} units)"):
-        base = engine.baseline(acts[layer], labels)
-        # predictions alone: rows whose prediction is certified unchanged skip the tail (compute.lib.engine)
-        outcome = engine.evaluate_units(acts[layer], labels, masks, base, probabilities=False)
+    totals = {layer: {"base_correct": np.zeros(k), "lost": np.zeros((len(units[layer]), k)),
+                      "gained": np.zeros((len(units[layer]), k)), "rows": []} for layer in layers}
+    shown = ", ".join(f"{layer} ({len(units[layer])} units)" for layer in layers)
+    for acts, labels, indices in ctx.activations(layers, desc=f"ablating {shown}"):
         onehot = torch.nn.functional.one_hot(labels, k).double()
-        base_correct += correct_counts(base.pred, labels, k)
-        batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
-        lost += batch_lost.cpu().numpy()
-        gained += batch_gained.cpu().numpy()
-        rows.append(changed_rows(base.pred, outcome.pred, unit_numbers, indices))
+        for layer in layers:
+            total, engine = totals[layer], engines[layer]
+            base = engine.baseline(acts[layer], labels)
+            total["base_correct"] += correct_counts(base.pred, labels, k)
+            if not len(units[layer]):  # this rank's share holds none of the layer's units
+                continue
+            # predictions alone: rows whose prediction is certified unchanged skip the tail (compute.lib.engine)
+            outcome = engine.evaluate_units(acts[layer], labels, masks[layer], base, probabilities=False)
+            batch_lost, batch_gained = significance.paired_counts(base.pred == labels, outcome.pred == labels, onehot)
+            total["lost"] += batch_lost.cpu().numpy()
+            total["gained"] += batch_gained.cpu().numpy()
+            total["rows"].append(changed_rows(base.pred, outcome.pred, torch.as_tensor(units[layer], dtype=torch.long),
+                                              indices))
     counts = np.bincount(ctx.labels, minlength=k).astype(np.float64)
-    table = flips.unit_table(rows)
-    return {"base_correct": base_correct, "lost": lost, "gained": gained, "counts": counts,
-            **{f"flip_{name}": table[name] for name in flips.UNIT_FIELDS}}
+    results = {}
+    for layer, total in totals.items():
+        table = flips.unit_table(total.pop("rows"))
+        results[layer] = {**total, "counts": counts, **{f"flip_{name}": table[name] for name in flips.UNIT_FIELDS}}
+    return results
 
 
 def changed_rows(base_pred: torch.Tensor, pred: torch.Tensor, units: torch.Tensor, images: torch.Tensor) -> dict:
@@ -105,14 +118,41 @@ def _combine(shares: list) -> dict:
             **RunContext.in_item_order(shares, ["lost", "gained"]), "flips": table}
 
 
-def run_stage(ctx, layer: str) -> None:
-    """Sweep every unit (sharded over ranks under torchrun); rank 0 writes the drops."""
-    stage = f"ablation/{layer}"
-    swept = ctx.run_sharded(stage, ctx.units(layer), lambda units: sweep(ctx, layer, units), _combine)
+def run_stage(ctx, layers: list[str]) -> None:
+    """Sweep every unit of every due layer in one pass over the validation images (units shared out between ranks
+    under torchrun, every rank's units of all layers in one pass); rank 0 writes a part per layer."""
+    joint = f"ablation/{'+'.join(layers)}"
+    starts = np.cumsum([0] + [ctx.units(layer) for layer in layers])
+
+    def split(items: np.ndarray) -> dict[str, np.ndarray]:
+        """Items (units of the layers numbered one after the other) as each layer's own unit numbers."""
+        return {layer: items[(items >= starts[i]) & (items < starts[i + 1])] - starts[i]
+                for i, layer in enumerate(layers)}
+
+    def compute(items: np.ndarray) -> dict:
+        return {f"{layer}/{name}": value for layer, result in sweep_layers(ctx, split(items)).items()
+                for name, value in result.items()}
+
+    def combine(shares: list) -> dict:
+        return {layer: _combine([(split(items)[layer], _of_layer(arrays, layer)) for items, arrays in shares])
+                for layer in layers}
+
+    swept = ctx.run_sharded(joint, int(starts[-1]), compute, combine)
     if swept is None:
         return
+    for layer in layers:
+        _write(ctx, layer, swept[layer])
+    ctx.drop_shards(joint)
+
+
+def _of_layer(arrays: dict, layer: str) -> dict:
+    prefix = f"{layer}/"
+    return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
+
+
+def _write(ctx, layer: str, swept: dict) -> None:
     result = drops(swept)
-    with ctx.writer.stage(stage) as h5:
+    with ctx.writer.stage(f"ablation/{layer}") as h5:
         group = layer_path(layer, "ablation")
         write_array(h5, f"{group}/baseline_class_acc", result["baseline_class_acc"])
         write_drops(h5, group, result)
@@ -122,4 +162,3 @@ def run_stage(ctx, layer: str) -> None:
         flips.write_crop(h5, f"{group}/flips", ctx.spec.preprocess)
         if flips.keep_thumbs(ctx):
             flips.write_thumbs(h5, f"{group}/flips", ctx.images.images, swept["flips"]["image"])
-    ctx.drop_shards(stage)
