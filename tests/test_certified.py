@@ -117,6 +117,28 @@ def test_bound_holds_on_a_conv_tail():
     assert worst > 0.01  # the check is not vacuous: some change moves a margin by a fair share of its bound
 
 
+def test_the_lead_takes_a_pool():
+    """Rest relu -> 3x3/2 max pool -> flatten -> linear -> relu -> linear: the lead is the relu and the pool (the change
+    is measured on the pool's output, exactly), so the overlapping pool's factor sqrt 4 is not in the product; every
+    margin moves by at most the bound on the change of the pooled activation."""
+    torch.manual_seed(4)
+    rest = lively(nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(), nn.Linear(6 * 3 * 3, 16), nn.ReLU(),
+                                nn.Linear(16, 5)))
+    base = torch.randn(20, 6, 7, 7)
+    certificate = _Certificate.of(rest, base[:1])
+    assert [type(step) for step in certificate.lead] == [nn.ReLU, nn.MaxPool2d]
+    assert certificate.lipschitz == pytest.approx(torch.linalg.matrix_norm(rest[3].weight.double(), 2).item(), rel=1e-5)
+    first = certificate.lead(base)
+    logits = certificate.after(first)
+    top = logits.argmax(1)
+    for scale in (1e-2, 1.0, 10.0):
+        changed = certificate.lead(base + scale * torch.randn_like(base))
+        moved = (changed - first).flatten(1).norm(dim=1).double()
+        shift = ((certificate.after(changed) - logits) - (certificate.after(changed) - logits).gather(1, top[:, None]))
+        bound = certificate.distances[top] * certificate.lipschitz * moved[:, None]
+        assert (shift.abs().double() <= bound * (1 + 1e-5) + 1e-5).all()
+
+
 @pytest.mark.parametrize("stride, dilation, padding", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 1, 0)])
 def test_conv_norm_bounds_the_exact_operator_norm(stride, dilation, padding):
     """The Fourier bound against the exact norm of the convolution's matrix (and above power iteration's estimate,
