@@ -21,7 +21,8 @@ def stage_rows(records: dict[str, dict]) -> pd.DataFrame:
             "options": ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) or "—",
             "finished": record.get("finished", ""),
             "seconds": record.get("seconds"),
-            "note": f"skipped: {record['skipped']}" if record.get("skipped") else "",
+            "note": (f"skipped: {record['skipped']}" if record.get("skipped") else
+                     f"one pass with {', '.join(record['shared'])}" if record.get("shared") else ""),
         })
     return pd.DataFrame(rows, columns=["stage", "options", "finished", "seconds", "note"])
 

@@ -356,7 +356,8 @@ def run_steps(ctx, writer, steps, dist) -> None:
             took, used = time.perf_counter() - begun, peak.read(ctx.device)
             names = [f"{step.stage.section}/{layer}" for layer in due] if step.stage.joint else [step.name]
             for name in names:  # a joint stage's layers share one pass's time and memory
-                writer.measured[name] = {"seconds": round(took, 2), **used}
+                shared = {"shared": [other for other in names if other != name]} if len(names) > 1 else {}
+                writer.measured[name] = {"seconds": round(took, 2), **used, **shared}
             if dist.is_main:
                 print(f"{' + '.join(names)}: {took:.1f} s, peak {used.get('host_mib', 0):.0f} MiB", file=sys.stderr)
         except StageSkipped as skipped:

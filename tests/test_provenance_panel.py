@@ -15,6 +15,12 @@ def test_stage_rows_show_each_stage_with_its_options(tiny_run):
     assert table.loc["ablation/conv5", "options"] == "keep_flip_thumbs=false"
     assert table.loc["setup", "options"] == "—"
     assert (table["seconds"].dropna() >= 0).all() and table["seconds"].notna().sum() == len(table)
+    # the sweeps of all layers ran in one pass: each names the others, and they share its time
+    sweeps = [name for name in records if name.startswith("ablation/")]
+    assert len(sweeps) > 1
+    for name in sweeps:
+        assert table.loc[name, "note"] == "one pass with " + ", ".join(other for other in sweeps if other != name)
+    assert table.loc[sweeps, "seconds"].nunique() == 1
 
 
 def test_an_old_store_record_is_a_finish_time():
