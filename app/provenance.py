@@ -22,7 +22,7 @@ def stage_rows(records: dict[str, dict]) -> pd.DataFrame:
             "finished": record.get("finished", ""),
             "seconds": record.get("seconds"),
             "note": (f"skipped: {record['skipped']}" if record.get("skipped") else
-                     f"one pass with {', '.join(record['shared'])}" if record.get("shared") else ""),
+                     f"time of one pass for {len(record['shared']) + 1} layers" if record.get("shared") else ""),
         })
     return pd.DataFrame(rows, columns=["stage", "options", "finished", "seconds", "note"])
 

@@ -19,7 +19,8 @@ def test_stage_rows_show_each_stage_with_its_options(tiny_run):
     sweeps = [name for name in records if name.startswith("ablation/")]
     assert len(sweeps) > 1
     for name in sweeps:
-        assert table.loc[name, "note"] == "one pass with " + ", ".join(other for other in sweeps if other != name)
+        assert table.loc[name, "note"] == f"time of one pass for {len(sweeps)} layers"
+        assert records[name]["shared"] == [other for other in sweeps if other != name]
     assert table.loc[sweeps, "seconds"].nunique() == 1
 
 
