@@ -1,13 +1,14 @@
 """The whole pipeline at the paper's shape, timed per stage: AlexNet on Places365-shaped data, random weights.
 
-    python -m bench.paper_run OUT_DIR [--per-class N] [--greedy-classes K] [--device cpu|cuda] [--threads T]
+    python -m bench.paper_run OUT_DIR [--per-class N] [--greedy-classes K] [--layers L ...] [--device cpu|cuda]
+                                      [--threads T] [--report-only]
 
 Writes into OUT_DIR, once (later runs reuse them):
 
 * ``weights/alexnet_places365.pth.tar``: random He-scaled AlexNet weights for 365 classes (``bench.ablation``'s
   ``random_model``, whose classifier bias is centred so that every class is predicted for some images), in the
   published Places365 checkpoint format (``features.module.*`` keys under ``state_dict``);
-* ``places365/``: the validation set in the Places365 layout (``val_256/``, ``places365_val.txt``,
+* ``places365-N/``: the validation set in the Places365 layout (``val_256/``, ``places365_val.txt``,
   ``categories_places365.txt``): ``--per-class`` generated 256x256 images per class (SynthScenes scenes, upscaled,
   centre-cropped to 224 by the model's preprocessing), class i on every 365th image;
 * the SynthScenes concept set (Broden layout, 9,600 images with pixel masks) for dissection, from ``--data-dir``.
@@ -33,7 +34,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
