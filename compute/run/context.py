@@ -121,6 +121,17 @@ class RunContext:
         order = np.argsort(np.concatenate([indices for indices, _ in shares]), kind="stable")
         return {name: np.concatenate([arrays[name] for _, arrays in shares])[order] for name in names}
 
+    @staticmethod
+    def by_layer(results: dict[str, dict]) -> dict:
+        """A joint pass's arrays per layer as one share's flat arrays, named ``<layer>/<name>``."""
+        return {f"{layer}/{name}": value for layer, arrays in results.items() for name, value in arrays.items()}
+
+    @staticmethod
+    def of_layer(arrays: dict, layer: str) -> dict:
+        """One layer's arrays out of a share's ``by_layer`` arrays."""
+        prefix = f"{layer}/"
+        return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
+
     def shard_stage(self, stage: str, rank: int) -> str:
         return f"{stage}/shard-{rank}-of-{self.dist.world}"
 

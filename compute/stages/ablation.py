@@ -129,25 +129,17 @@ def run_stage(ctx, layers: list[str]) -> None:
         return {layer: items[(items >= starts[i]) & (items < starts[i + 1])] - starts[i]
                 for i, layer in enumerate(layers)}
 
-    def compute(items: np.ndarray) -> dict:
-        return {f"{layer}/{name}": value for layer, result in sweep_layers(ctx, split(items)).items()
-                for name, value in result.items()}
-
     def combine(shares: list) -> dict:
-        return {layer: _combine([(split(items)[layer], _of_layer(arrays, layer)) for items, arrays in shares])
+        return {layer: _combine([(split(items)[layer], ctx.of_layer(arrays, layer)) for items, arrays in shares])
                 for layer in layers}
 
-    swept = ctx.run_sharded(joint, int(starts[-1]), compute, combine)
+    swept = ctx.run_sharded(joint, int(starts[-1]), lambda items: ctx.by_layer(sweep_layers(ctx, split(items))),
+                            combine)
     if swept is None:
         return
     for layer in layers:
         _write(ctx, layer, swept[layer])
     ctx.drop_shards(joint)
-
-
-def _of_layer(arrays: dict, layer: str) -> dict:
-    prefix = f"{layer}/"
-    return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
 
 
 def _write(ctx, layer: str, swept: dict) -> None:

@@ -66,18 +66,16 @@ def _sharded_dissect(ctx, layers: list[str], source: ConceptSource, quantile: fl
                      stage: str) -> dict[str, Dissection] | None:
     """``dissect`` of each layer, with both passes' batches shared out between ranks; every rank needs the thresholds
     for its share of the tally, rank 0 alone gets the results (None elsewhere). Shard arrays are named
-    ``<layer>/<name>``."""
+    ``<layer>/<name>`` (``RunContext.by_layer``)."""
     table = ConceptTable.from_broden(source.broden)
     steps = {ctx.step(layer): layer for layer in layers}
     first, second = (f"{stage}/{name}" for name in PASSES)
 
     def by_layer(states: dict) -> dict:
-        return {f"{steps[step]}/{name}": value for step, state in states.items() for name, value in state.items()}
+        return ctx.by_layer({steps[step]: state for step, state in states.items()})
 
     def of_layer(shares: list, layer: str) -> list[dict]:
-        prefix = f"{layer}/"
-        return [{name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
-                for _, arrays in shares]
+        return [ctx.of_layer(arrays, layer) for _, arrays in shares]
 
     thresholds = ctx.run_sharded(
         first, source.batch_count,
