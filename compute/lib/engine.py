@@ -61,6 +61,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from compute.lib import ties
+from compute.lib.pooling import with_sliced_pools
 
 _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU, nn.Identity,
                 nn.Dropout, nn.Dropout2d)
@@ -123,7 +124,7 @@ class AblationEngine:
 
     def __init__(self, tail: nn.Sequential, max_memory: int = 1 << 30, margin_tol: float = 1e-3,
                  use_shortcuts: bool = True):
-        self.tail = tail.eval()
+        self.tail = with_sliced_pools(tail).eval()  # same outputs, faster on the CPU (compute.lib.pooling)
         self.max_memory = int(max_memory)
         self.margin_tol = float(margin_tol)
         self.device = next((p.device for p in tail.parameters()), torch.device("cpu"))
@@ -274,7 +275,7 @@ class AblationEngine:
         def enter(rows):
             if single:
                 return lead(_updated_single(rows, full, source, weight, starts))
-            return lead(full[rows[:, 1]] - self._removed_each(rows, source, weight, selections, full.dtype))
+            return lead(self._removed_each(rows, source, weight, selections, full.dtype, from_rows=full[rows[:, 1]]))
 
         def removed64(rows, source=source, weight=weight):
             if one_each:
@@ -323,16 +324,21 @@ class AblationEngine:
                        entry.dilation, groups=len(rows))
         return out.view(len(rows), -1, *out.shape[2:])
 
-    def _removed_each(self, rows, source, weight, selections, dtype) -> torch.Tensor:
-        """``L_m(x_m)`` per row, one ablation at a time (any number of channels each)."""
+    def _removed_each(self, rows, source, weight, selections, dtype, from_rows=None) -> torch.Tensor:
+        """``L_m(x_m)`` per row, one ablation at a time (any number of channels each); with ``from_rows``, that
+        tensor minus it, in place (no second row-sized buffer, no concatenation)."""
         ablations, counts = torch.unique_consecutive(rows[:, 0], return_counts=True)
         pieces, start = [], 0
         for s, n in zip(ablations.tolist(), counts.tolist()):
             chosen = selections[s]
             removed = source[:, chosen][rows[start:start + n, 1]].to(dtype)
-            pieces.append(self._restricted(removed, weight[chosen].to(dtype)))
+            piece = self._restricted(removed, weight[chosen].to(dtype))
+            if from_rows is None:
+                pieces.append(piece)
+            else:
+                from_rows[start:start + n] -= piece
             start += n
-        return torch.cat(pieces)
+        return torch.cat(pieces) if from_rows is None else from_rows
 
     def _restricted(self, source: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``L_m`` on the removed channels ``source`` [n, k, ...] with the entry's weight for them [k, ...]."""

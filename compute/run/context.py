@@ -12,6 +12,7 @@ import torch
 from compute.run.distributed import Dist
 from compute.lib.engine import AblationEngine
 from compute.run.imagecache import ImageCache
+from compute.lib.pooling import with_sliced_pools
 from compute.lib.sequence import run_to, tail_of
 
 
@@ -35,7 +36,8 @@ class RunContext:
     dist: Dist = field(default_factory=Dist)
 
     def __post_init__(self):
-        self.sequence = self.spec.to_sequence(self.model).to(self.device).eval()
+        # Sliced pools give the stock pools' outputs, faster on the CPU (compute.lib.pooling); this model is not trained.
+        self.sequence = with_sliced_pools(self.spec.to_sequence(self.model).to(self.device).eval())
         self._units: dict[str, int] = {}
 
     @property
