@@ -105,6 +105,11 @@ class EncodedLabels:
     concepts: np.ndarray  # int64 [k]
     coverage: np.ndarray  # float32 [sh * sw, k]
     present: np.ndarray  # bool [categories]
+    area: np.ndarray = None  # float32 [k], pixels each concept covers (summed once here, not once per layer)
+
+    def __post_init__(self):
+        if self.area is None:
+            self.area = self.coverage.sum(0)
 
 
 def encode_labels(labels: ImageLabels, table: ConceptTable) -> EncodedLabels:
@@ -254,7 +259,7 @@ class IoUTally:
         per_image = hit.sum(1).tolist()
         for item, rows, units, areas in zip(labels, active.split(per_image), unit.split(per_image),
                                             area.split(per_image)):
-            self.label_area += np.bincount(item.concepts, weights=item.coverage.sum(0), minlength=len(self.table))
+            self.label_area += np.bincount(item.concepts, weights=item.area, minlength=len(self.table))
             if len(units) and len(item.concepts):
                 overlap = rows @ torch.from_numpy(item.coverage).to(device)  # exact pixel counts (< 2^24)
                 concepts = torch.from_numpy(item.concepts).to(device)
