@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -105,11 +106,11 @@ class EncodedLabels:
     concepts: np.ndarray  # int64 [k]
     coverage: np.ndarray  # float32 [sh * sw, k]
     present: np.ndarray  # bool [categories]
-    area: np.ndarray = None  # float32 [k], pixels each concept covers (summed once here, not once per layer)
 
-    def __post_init__(self):
-        if self.area is None:
-            self.area = self.coverage.sum(0)
+    @cached_property
+    def area(self) -> np.ndarray:
+        """float32 [k]: pixels each concept covers (summed once per image, not once per layer dissected)."""
+        return self.coverage.sum(0)
 
 
 def encode_labels(labels: ImageLabels, table: ConceptTable) -> EncodedLabels:

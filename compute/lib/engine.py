@@ -124,7 +124,8 @@ class AblationEngine:
 
     def __init__(self, tail: nn.Sequential, max_memory: int = 1 << 30, margin_tol: float = 1e-3,
                  use_shortcuts: bool = True):
-        self.tail = with_sliced_pools(tail).eval()  # same outputs, faster on the CPU (compute.lib.pooling)
+        # In place (the pools are the caller's modules): same outputs, faster on the CPU (compute.lib.pooling).
+        self.tail = with_sliced_pools(tail).eval()
         self.max_memory = int(max_memory)
         self.margin_tol = float(margin_tol)
         self.device = next((p.device for p in tail.parameters()), torch.device("cpu"))
