@@ -276,7 +276,10 @@ class AblationEngine:
         def enter(rows):
             if single:
                 return lead(_updated_single(rows, full, source, weight, starts))
-            return lead(self._removed_each(rows, source, weight, selections, full.dtype, from_rows=full[rows[:, 1]]))
+            entered = full[rows[:, 1]]
+            for at, removed in self._removed_pieces(rows, source, weight, selections, full.dtype):
+                entered[at] -= removed  # in place: no second row-sized buffer, no concatenation
+            return lead(entered)
 
         def removed64(rows, source=source, weight=weight):
             if one_each:
@@ -325,21 +328,19 @@ class AblationEngine:
                        entry.dilation, groups=len(rows))
         return out.view(len(rows), -1, *out.shape[2:])
 
-    def _removed_each(self, rows, source, weight, selections, dtype, from_rows=None) -> torch.Tensor:
-        """``L_m(x_m)`` per row, one ablation at a time (any number of channels each); with ``from_rows``, that
-        tensor minus it, in place (no second row-sized buffer, no concatenation)."""
+    def _removed_pieces(self, rows, source, weight, selections, dtype):
+        """``L_m(x_m)`` one ablation at a time (any number of channels each): (slice of ``rows``, its rows' values)."""
         ablations, counts = torch.unique_consecutive(rows[:, 0], return_counts=True)
-        pieces, start = [], 0
+        start = 0
         for s, n in zip(ablations.tolist(), counts.tolist()):
             chosen = selections[s]
             removed = source[:, chosen][rows[start:start + n, 1]].to(dtype)
-            piece = self._restricted(removed, weight[chosen].to(dtype))
-            if from_rows is None:
-                pieces.append(piece)
-            else:
-                from_rows[start:start + n] -= piece
+            yield slice(start, start + n), self._restricted(removed, weight[chosen].to(dtype))
             start += n
-        return torch.cat(pieces) if from_rows is None else from_rows
+
+    def _removed_each(self, rows, source, weight, selections, dtype) -> torch.Tensor:
+        """``L_m(x_m)`` per row, one ablation at a time (any number of channels each)."""
+        return torch.cat([piece for _, piece in self._removed_pieces(rows, source, weight, selections, dtype)])
 
     def _restricted(self, source: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``L_m`` on the removed channels ``source`` [n, k, ...] with the entry's weight for them [k, ...]."""
