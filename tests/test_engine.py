@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from compute.lib import engine as engine_module
 from compute.lib import ties
 from compute.lib.engine import AblationEngine, single_unit_masks
 from compute.models.demo import build_demo
@@ -102,6 +103,55 @@ def test_unit_sets_equal_zeroed_output(demo_case, layer):
         expected = tail_of(model, layer)(edited)
         assert torch.equal(outcome.pred[s], ties.predict(tail_of(model, layer), edited))
         assert torch.allclose(outcome.true_prob[s], torch.softmax(expected, 1)[torch.arange(len(labels)), labels],
+                              atol=1e-5)
+
+
+LAYER_5 = "relu5"
+
+
+def prefix_chains(orders, units):
+    """Masks of the prefixes of each order (row 0 of each: nothing), as greedy's replays pass them."""
+    masks = torch.zeros(len(orders), len(orders[0]) + 1, units, dtype=torch.bool)
+    for r, order in enumerate(orders):
+        for depth in range(1, len(order) + 1):
+            masks[r, depth, order[:depth]] = True
+    return masks.flatten(0, 1)
+
+
+def test_chains_are_found_only_where_each_mask_adds_one_unit():
+    chains = prefix_chains([[3, 1, 4], [0, 2, 1]], 5)
+    added, first = engine_module._chains(chains)
+    assert added.tolist() == [-1, 3, 1, 4, -1, 0, 2, 1]
+    assert first.tolist() == [0, 0, 0, 0, 4, 4, 4, 4]
+    assert engine_module._chains(single_unit_masks(5)) is None  # no empty start
+    jump = chains.clone()
+    jump[2, 4] = True  # the second step adds two units
+    assert engine_module._chains(jump) is None
+    swap = chains.clone()
+    swap[2] = False
+    swap[2, [1, 4]] = True  # as many units as a step adds, but unit 3 dropped
+    assert engine_module._chains(swap) is None
+
+
+@pytest.mark.parametrize("max_memory", [1 << 30, 30_000])
+def test_chained_prefixes_equal_zeroed_output(demo_case, max_memory):
+    """The running sums along unit orders (relu5 -> pool -> fc6) give the predictions of the zeroed activations;
+    a small budget splits chains across chunks."""
+    model, images, labels = demo_case
+    acts = run_to(model, images, ["relu5"])[LAYER_5]
+    generator = torch.Generator().manual_seed(2)
+    orders = [torch.randperm(acts.shape[1], generator=generator)[:9].tolist() for _ in range(3)]
+    masks = prefix_chains(orders, acts.shape[1])
+    engine = AblationEngine(tail_of(model, "relu5"), max_memory=max_memory)
+    assert engine_module._chains(masks) is not None and engine.has_shortcut
+    outcome = engine.evaluate_units(acts, labels, masks)
+    certified = engine.evaluate_units(acts, labels, masks, probabilities=False)
+    tail = tail_of(model, "relu5")
+    for s in range(len(masks)):
+        edited = acts * (~masks[s]).float()[None, :, None, None]
+        expected = ties.predict(tail, edited)
+        assert torch.equal(outcome.pred[s], expected) and torch.equal(certified.pred[s], expected)
+        assert torch.allclose(outcome.true_prob[s], torch.softmax(tail(edited), 1)[torch.arange(len(labels)), labels],
                               atol=1e-5)
 
 

@@ -85,17 +85,32 @@ def random_tail_case():
     return tail, acts, labels
 
 
+def linear_tail_case():
+    """A tail entered through a Linear (pool -> flatten -> fc): greedy's candidates are certified where they can be,
+    and its replays run along chains of running sums."""
+    torch.manual_seed(4)
+    tail = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+    acts = torch.relu(torch.randn(48, 6, 4, 4))
+    with torch.no_grad():
+        tail[-1].bias -= tail(acts).mean(0)
+        predicted = tail(acts).argmax(1)
+    labels = torch.where(torch.arange(48) % 3 == 0, torch.arange(48) % 4, predicted)
+    return tail, acts, labels
+
+
+@pytest.mark.parametrize("case", [random_tail_case, linear_tail_case])
 @pytest.mark.parametrize("group", [[1], [0, 2]])
-def test_greedy_equals_brute_force(group):
-    tail, acts, labels = random_tail_case()
+def test_greedy_equals_brute_force(group, case):
+    tail, acts, labels = case()
     chosen = torch.as_tensor(np.flatnonzero(np.isin(labels.numpy(), group)))
     state = greedy.greedy(AblationEngine(tail), acts[chosen], labels[chosen], group, steps=4)
     assert state.chosen == brute_force_order(tail, acts[chosen], labels[chosen], group, 4)
     assert state.scores[0] > state.scores[-1]
 
 
-def test_ablation_paths_equal_zeroed_prefixes():
-    tail, acts, labels = random_tail_case()
+@pytest.mark.parametrize("case", [random_tail_case, linear_tail_case])
+def test_ablation_paths_equal_zeroed_prefixes(case):
+    tail, acts, labels = case()
     orders = [[4, 0, 3], [1, 4, 5]]
     pred = greedy.ablation_paths(AblationEngine(tail), acts, labels, orders)
     assert pred.shape == (2, 4, len(labels))
