@@ -133,10 +133,14 @@ def test_chains_are_found_only_where_each_mask_adds_one_unit():
     assert engine_module._chains(swap) is None
 
 
-@pytest.mark.parametrize("max_memory", [1 << 30, 30_000])
-def test_chained_prefixes_equal_zeroed_output(demo_case, max_memory):
+@pytest.mark.parametrize("max_memory, chained", [(1 << 30, True), (400_000, True), (30_000, False)])
+def test_chained_prefixes_equal_zeroed_output(demo_case, max_memory, chained, monkeypatch):
     """The running sums along unit orders (relu5 -> pool -> fc6) give the predictions of the zeroed activations;
-    a small budget splits chains across chunks."""
+    a budget of 400 kB splits chains across chunks, one of 30 kB cannot hold a chain's sums (the general path runs)."""
+    calls = []
+    original = engine_module._ChainUpdates.__call__
+    monkeypatch.setattr(engine_module._ChainUpdates, "__call__", lambda self, rows: calls.append(len(rows)) or
+                        original(self, rows))
     model, images, labels = demo_case
     acts = run_to(model, images, ["relu5"])[LAYER_5]
     generator = torch.Generator().manual_seed(2)
@@ -153,6 +157,7 @@ def test_chained_prefixes_equal_zeroed_output(demo_case, max_memory):
         assert torch.equal(outcome.pred[s], expected) and torch.equal(certified.pred[s], expected)
         assert torch.allclose(outcome.true_prob[s], torch.softmax(tail(edited), 1)[torch.arange(len(labels)), labels],
                               atol=1e-5)
+    assert bool(calls) == chained and (len(calls) > 2) == (max_memory == 400_000)
 
 
 def test_batchnorm_variant_zeroes_output_not_weights():
