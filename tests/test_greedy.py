@@ -226,6 +226,17 @@ def test_live_session_matches_the_store(tiny_run):
     assert np.allclose(class_acc, store.layer(LAYER, "greedy", "all_class_acc")[4], atol=1e-6)
 
 
+def test_greedy_bench_finds_both_paths_equal(tiny_run, capsys):
+    """bench/greedy.py's checks on a small store: predictions first and every candidate in full choose the same
+    orders; chained and general replays give the same predictions (its exit code says both)."""
+    from bench import greedy as greedy_bench
+
+    assert greedy_bench.main(["--store", str(tiny_run["store"]), "--layer", LAYER, "--classes", "3", "--steps", "3",
+                              "--orders", "2", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "same orders: True" in printed and "same predictions: True" in printed
+
+
 def test_a_layer_too_big_to_hold_is_streamed_from_the_store_with_equal_results(tiny_run):
     from compute.live_session import load_session
 
