@@ -204,6 +204,15 @@ def caption(kind: str, index: int, truth: str, before: str, after: str) -> str:
     return f"#{index} {truth}: {before} {ARROW} {after}"
 
 
+def _one_way(store, layer: str, rows: dict, kind: str, units: list[int], key: str, heading: str) -> None:
+    """The images that changed one way (``kind``: lost or gained) under their heading, or "none"."""
+    st.markdown(heading)
+    if len(rows["image"]):
+        gallery(store, layer, rows, kind, units, f"{key}-{kind}")
+    else:
+        st.caption("none")
+
+
 def gallery(store, layer: str, rows: dict, kind: str, units: list[int], key: str, limit: int | None = None) -> None:
     """Thumbnails of the rows (image, before, after) with captions, the units' activation maps blended in; at most
     ``limit`` (MAX_SHOWN), the rest counted."""
@@ -271,18 +280,10 @@ def show_flips(store, layer: str, rows: dict, units: list[int], key: str, first_
         st.caption(live_layers_note(store, layer))
     if first_class is not None:
         st.caption(f"Images of {classes[first_class]} first, then the others by image number.")
-    st.markdown(f"**Lost** ({len(lost['image'])}: right before {what}, wrong after; caption: true class {ARROW} "
-                "prediction after)")
-    if len(lost["image"]):
-        gallery(store, layer, lost, "lost", units, f"{key}-lost")
-    else:
-        st.caption("none")
-    st.markdown(f"**Gained** ({len(gained['image'])}: wrong before, right after; caption: true class, and the "
-                "prediction before)")
-    if len(gained["image"]):
-        gallery(store, layer, gained, "gained", units, f"{key}-gained")
-    else:
-        st.caption("none")
+    _one_way(store, layer, lost, "lost", units, key, f"**Lost** ({len(lost['image'])}: right before {what}, wrong "
+             f"after; caption: true class {ARROW} prediction after)")
+    _one_way(store, layer, gained, "gained", units, key, f"**Gained** ({len(gained['image'])}: wrong before, right "
+             "after; caption: true class, and the prediction before)")
     if moved:
         st.caption(f"{moved} more image{'s' if moved > 1 else ''} changed from one wrong class to another (neither "
                    "lost nor gained).")

@@ -21,6 +21,7 @@ import torch
 from compute import flips
 from compute.models import get_spec
 from store import StoreReader
+from tests.views import open_through_main
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("conv3", "conv4", "conv5")
@@ -407,15 +408,8 @@ def test_old_store_says_which_command_adds_the_flips(varied_run, tmp_path):
 
 # -- the greedy page -----------------------------------------------------------------------------------------------
 def greedy_page(store_dir: Path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
     monkeypatch.setenv("UNIT_ABLATION_STORES", str(store_dir))
-    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
-    at.run()
-    at.switch_page("views/greedy.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_through_main("greedy")
 
 
 def test_greedy_replay_shows_the_images_a_step_changes(varied_run, monkeypatch):

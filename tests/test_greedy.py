@@ -1,7 +1,6 @@
 """Greedy ablation against its definition, random-baseline seeding, the stored datasets, live sessions, the page."""
 
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from compute.stages import greedy as greedy_stage
 from compute.lib.engine import AblationEngine, correct_counts
 from compute.errors import UserError
 from store import StoreReader
+from tests.views import open_through_main
 
 LAYER = "conv5"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def known_units_tail(units: int = 8) -> nn.Sequential:
@@ -263,14 +262,7 @@ def test_live_session_without_live_data_says_which_command(tiny_run):
 
 # -- the page ----------------------------------------------------------------------------------------------------
 def page(_env):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
-    at.run()
-    at.switch_page("views/greedy.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_through_main("greedy")
 
 
 def test_page_replays_a_class(store_env):

@@ -20,3 +20,16 @@ def open_view(name: str, store, compare=None, timeout: int = 120, **params):
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+def open_through_main(name: str, timeout: int = 120):
+    """The page ``app/views/<name>.py`` reached from the entry point (its sidebar picks the store), after one run,
+    which must show no exception."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=timeout)
+    at.run()
+    at.switch_page(f"views/{name}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
