@@ -106,9 +106,9 @@ def main(argv=None) -> int:
           f"certified {new_rows['certified']:,}")
     print(f"  ratio {old_s / new_s:.2f}x, same orders: {old_orders == new_orders}")
 
-    orders = np.array([order for class_index, order in zip(classes, new_orders)]
-                      + [row for class_index in classes
-                         for row in greedy.random_orders(session.units, args.steps, args.orders, class_index)])
+    orders = np.array(list(new_orders) + [row for class_index in classes
+                                          for row in greedy.random_orders(session.units, args.steps, args.orders,
+                                                                          class_index)])
     general_s, general = best_of(args.repeats, lambda: replays(session, orders, chained=False))
     chain_s, chain = best_of(args.repeats, lambda: replays(session, orders, chained=True))
     print(f"replays of {len(orders)} orders x {args.steps + 1} prefixes x {len(session.labels)} images: "
