@@ -1,7 +1,7 @@
 """Certified skipping: the bound against its formula, rows certified and not, and predictions equal to the naive ones.
 
 A row is certified when its baseline margins exceed a proven bound on how far the ablation moves them
-(``compute.lib.engine._Certificate``); the tail then does not run for it. Whatever is certified, every prediction must
+(``compute.lib.certificates.Certificate``); the tail then does not run for it. Whatever is certified, every prediction must
 equal ``compute.lib.ties.predict`` of the whole network with the unit zeroed.
 """
 
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from compute.lib import ties
-from compute.lib.engine import (AblationEngine, _Certificate, _conv_norm, _lipschitz, _windows_per_input,
-                                single_unit_masks)
+from compute.lib.certificates import Certificate, conv_norm, lipschitz_bound, windows_per_input
+from compute.lib.engine import AblationEngine, single_unit_masks
 from compute.models.demo import build_demo
 from compute.lib.sequence import run_to, tail_of
 from tests.test_engine import lively, random_rotation
@@ -36,7 +36,7 @@ def linear_tail(head_bias=(10.0, 0.0)):
 def test_radius_is_the_formula():
     """Image [1, 1]: logits [11, 1], top 0, margin 10, ||w_0 - w_1|| = sqrt 2, largest |logit| 11, row norms 1."""
     tail = linear_tail()
-    certificate = _Certificate.of(tail[2:], torch.ones(1, 2))
+    certificate = Certificate.of(tail[2:], torch.ones(1, 2))
     assert certificate.lipschitz == pytest.approx(1.0, rel=1e-5) and certificate.lipschitz >= 1.0
     tol = 1e-3
     radius = certificate.radius(torch.tensor([[11.0, 1.0]]), torch.tensor([0]), tol)
@@ -51,7 +51,7 @@ def test_radius_is_the_largest_safe_change():
     torch.manual_seed(0)
     head = nn.Linear(7, 5)
     generator = torch.Generator().manual_seed(0)
-    certificate = _Certificate(nn.Sequential(), nn.Sequential(head), 1.7, head)
+    certificate = Certificate(nn.Sequential(), nn.Sequential(head), 1.7, head)
     logits = torch.randn(32, 5, generator=generator) * 4
     base = logits.argmax(1)
     radius = certificate.radius(logits, base, 1e-3).double()
@@ -93,8 +93,8 @@ def test_bound_holds_on_a_conv_tail():
     rest = lively(nn.Sequential(nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
                                 nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 5)))
     base = torch.randn(20, 6, 7, 7)
-    certificate = _Certificate.of(rest, base[:1])
-    assert certificate.lipschitz >= _conv_norm(rest[1], (7, 7)) * 2 * torch.linalg.matrix_norm(
+    certificate = Certificate.of(rest, base[:1])
+    assert certificate.lipschitz >= conv_norm(rest[1], (7, 7)) * 2 * torch.linalg.matrix_norm(
         rest[5].weight.double(), 2).item() * (1 - 1e-9)  # conv, the overlapping pool's sqrt(4), the linear
     first = certificate.lead(base)
     logits = certificate.after(first)
@@ -125,7 +125,7 @@ def test_the_lead_takes_a_pool():
     rest = lively(nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(), nn.Linear(6 * 3 * 3, 16), nn.ReLU(),
                                 nn.Linear(16, 5)))
     base = torch.randn(20, 6, 7, 7)
-    certificate = _Certificate.of(rest, base[:1])
+    certificate = Certificate.of(rest, base[:1])
     assert [type(step) for step in certificate.lead] == [nn.ReLU, nn.MaxPool2d]
     assert certificate.lipschitz == pytest.approx(torch.linalg.matrix_norm(rest[3].weight.double(), 2).item(), rel=1e-5)
     first = certificate.lead(base)
@@ -149,7 +149,7 @@ def test_conv_norm_bounds_the_exact_operator_norm(stride, dilation, padding):
     basis = torch.eye(3 * size[0] * size[1], dtype=torch.float64).view(-1, 3, *size)
     matrix = (conv(basis) - conv.bias.view(1, -1, 1, 1)).flatten(1)
     exact = torch.linalg.matrix_norm(matrix, 2).item()
-    bound = _conv_norm(conv, size)
+    bound = conv_norm(conv, size)
     x = torch.randn(1, 3, *size, dtype=torch.float64)
     for _ in range(50):  # power iteration on the operator
         y = torch.nn.grad.conv2d_input(x.shape, conv.weight, nn.functional.conv2d(x, conv.weight, None, stride,
@@ -165,13 +165,13 @@ def test_conv_norm_bounds_the_exact_operator_norm(stride, dilation, padding):
     (nn.AdaptiveAvgPool2d(4), 6, 4), (nn.AvgPool2d(3, 1, 1), 5, 9)])
 def test_pool_windows(pool, size, windows):
     x = torch.randn(1, 2, size, size)
-    assert _windows_per_input(pool, x.shape[-2:], pool(x).shape[-2:]) == windows
-    assert _lipschitz(pool, x) == pytest.approx(math.sqrt(windows))
+    assert windows_per_input(pool, x.shape[-2:], pool(x).shape[-2:]) == windows
+    assert lipschitz_bound(pool, x) == pytest.approx(math.sqrt(windows))
 
 
 def test_no_certificate_without_a_linear_head():
-    assert _Certificate.of(nn.Sequential(nn.ReLU(), nn.Linear(3, 3), nn.Softmax(1)), torch.ones(1, 3)) is None
-    assert _Certificate.of(nn.Sequential(nn.GELU(), nn.Linear(3, 3)), torch.ones(1, 3)) is None
+    assert Certificate.of(nn.Sequential(nn.ReLU(), nn.Linear(3, 3), nn.Softmax(1)), torch.ones(1, 3)) is None
+    assert Certificate.of(nn.Sequential(nn.GELU(), nn.Linear(3, 3)), torch.ones(1, 3)) is None
 
 
 # -- agreement with the naive computation ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Certified full rows: where no shortcut applies (a max pool right after the layer, for directions; or shortcuts off),
 the whole tail's certificate settles rows from the ablation's size alone, before their edited activation is formed
-(``compute.lib.engine._Certificate.settled``). Whatever is settled, every prediction must equal
+(``compute.lib.certificates.Certificate.settled``). Whatever is settled, every prediction must equal
 ``compute.lib.ties.predict`` of the tail on the edited activation.
 """
 
