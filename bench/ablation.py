@@ -240,6 +240,7 @@ def run_case(case: Case, images_count: int, device: torch.device, quick: bool, r
         labels = torch.zeros(images_count, dtype=torch.long, device=device)
     prefix = nn.Sequential(*list(sequence.children())[: step_names(sequence).index(step) + 1])
     engine = AblationEngine(tail_of(sequence, step), max_memory=max_memory)
+    engine32 = AblationEngine(tail_of(sequence, step), max_memory=max_memory, reduced_precision=False)
     channels = run_to(sequence, images[:1], [step])[step].shape[1]
     sample = None if device.type == "cuda" else case.engine_units  # a GPU sweeps every unit
     units = spread(channels, 8 if quick else sample)
@@ -248,7 +249,7 @@ def run_case(case: Case, images_count: int, device: torch.device, quick: bool, r
 
     phases = []  # (prefix, tail) seconds of each engine call
 
-    def engine_sweep(probabilities=False):
+    def engine_sweep(probabilities=False, engine=engine):
         prefix_seconds, acts = _timed(lambda: prefix(images), device)
         tail_seconds, outcome = _timed(lambda: engine.evaluate_units(
             acts, labels, masks, engine.baseline(acts, labels), probabilities=probabilities), device)
@@ -259,21 +260,22 @@ def run_case(case: Case, images_count: int, device: torch.device, quick: bool, r
         return torch.stack([naive_predictions(sequence, step, int(u), images) for u in naive_units])
 
     e_seconds, e_flops, e_bytes, engine_pred = measure(engine_sweep, device, repeats)
-    computed, certified = engine.rows_computed, engine.rows_certified
+    computed, certified, reduced = engine.rows_computed, engine.rows_certified, engine.rows_reduced
     tail_seconds = min(seconds for _, seconds in phases[-repeats:])  # the timed calls' phases
     prefix_seconds = min(seconds for seconds, _ in phases[-repeats:])
     u_seconds, _, _, uncertified_pred = measure(lambda: engine_sweep(probabilities=True), device, repeats)
+    f_seconds, _, _, float32_pred = measure(lambda: engine_sweep(engine=engine32), device, repeats)
     n_seconds, n_flops, n_bytes, naive_pred = measure(naive_sweep, device, repeats)
     position = {int(u): i for i, u in enumerate(units)}
     agree = (torch.equal(engine_pred[[position[int(u)] for u in naive_units]], naive_pred)
-             and torch.equal(engine_pred, uncertified_pred))
+             and torch.equal(engine_pred, uncertified_pred) and torch.equal(engine_pred, float32_pred))
     e_evals, n_evals = len(units) * images_count, len(naive_units) * images_count
     return {
         "case": f"{key} {case.layer}", "units": len(units), "images": images_count,
         "naive_rate": n_evals / n_seconds, "engine_rate": e_evals / e_seconds,
-        "uncertified_rate": e_evals / u_seconds, "ablation_rate": e_evals / tail_seconds,
+        "uncertified_rate": e_evals / u_seconds, "float32_rate": e_evals / f_seconds, "ablation_rate": e_evals / tail_seconds,
         "prefix_rate": images_count / prefix_seconds, "computed": computed / e_evals,
-        "certified": certified / e_evals, "naive_flops": n_flops / n_seconds,
+        "certified": certified / e_evals, "reduced": reduced / e_evals, "naive_flops": n_flops / n_seconds,
         "engine_flops": e_flops / e_seconds, "naive_bytes": n_bytes, "engine_bytes": e_bytes, "agree": agree,
     }
 
@@ -290,13 +292,15 @@ def machine(device: torch.device) -> str:
 
 def print_table(results: list[dict], peak: float) -> None:
     print(f"{'case':<23} {'units x images':>14} {'naive u-i/s':>11} {'engine u-i/s':>12} {'ratio':>7} "
-          f"{'tail-only u-i/s':>15} {'ratio':>7} {'no-cert ratio':>13} {'computed':>8} {'certified':>9} "
+          f"{'tail-only u-i/s':>15} {'ratio':>7} {'no-cert ratio':>13} {'fp32 ratio':>10} {'computed':>8} {'bf16':>5} "
+          f"{'certified':>9} "
           f"{'naive %peak':>11} {'engine %peak':>12} {'naive MiB':>9} {'engine MiB':>10} agree")
     for r in results:
         print(f"{r['case']:<23} {r['units']:>6} x {r['images']:<5} {r['naive_rate']:>11.1f} {r['engine_rate']:>12.1f} "
               f"{r['engine_rate'] / r['naive_rate']:>6.1f}x {r['ablation_rate']:>15.1f} "
               f"{r['ablation_rate'] / r['naive_rate']:>6.0f}x {r['uncertified_rate'] / r['naive_rate']:>12.1f}x "
-              f"{r['computed']:>8.0%} {r['certified']:>9.0%} "
+              f"{r['float32_rate'] / r['naive_rate']:>9.1f}x {r['computed']:>8.0%} {r['reduced']:>5.0%} "
+              f"{r['certified']:>9.0%} "
               f"{r['naive_flops'] / peak:>11.1%} {r['engine_flops'] / peak:>12.1%} "
               f"{r['naive_bytes'] / 2**20:>9.0f} {r['engine_bytes'] / 2**20:>10.0f} {'yes' if r['agree'] else 'NO'}")
 

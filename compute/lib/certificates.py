@@ -125,18 +125,17 @@ class Certificate:
         radius = self.radius(logits, base_pred, margin_tol)
         return change * (1 + CHANGE_SAFETY) < radius.to(change.device)[None, :]
 
-    def rows(self, full: torch.Tensor, logits: torch.Tensor, base_pred: torch.Tensor, margin_tol: float):
-        """``certified(rows, state)`` for ``_Rows``, from the entry's baseline output ``full`` [B, ...] and its
-        logits: rows whose first activation ``state`` moved less than their image's radius. None when no image has a
-        radius (no row could be certified: the checks would only cost)."""
+    def rows(self, first: torch.Tensor, logits: torch.Tensor, base_pred: torch.Tensor, margin_tol: float):
+        """``certified(rows, state) -> (certified, change)`` for the engine's rows, from the baseline's first
+        activation ``first`` [B, ...] (``lead``'s output) and its logits: rows whose first activation ``state`` moved
+        less than their image's radius, and how far each moved (||state - first||, float64). None when no image has a radius (no row could be certified: the checks would only cost)."""
         radius = self.radius(logits, base_pred, margin_tol)
         if not bool((radius > 0).any()):
             return None
-        first = self.lead(full.clone())  # a copy: a lead ReLU may work in place
 
-        def certified(rows: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        def certified(rows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             change = (state - first[rows[:, 1]]).flatten(1).norm(dim=1).double()
-            return change * (1 + CHANGE_SAFETY) < radius[rows[:, 1]]
+            return change * (1 + CHANGE_SAFETY) < radius[rows[:, 1]], change
 
         return certified
 

@@ -34,6 +34,13 @@ Where the work is cut, each cut leaving every prediction as the full computation
   (the removed maps' norm, or the norm of a direction's coefficients), then the output of the tail's leading
   per-channel steps (the max pool), whose exact change is often far smaller. Rows near the bound are computed, not
   guessed. ``rows_certified`` counts them.
+* Reduced precision, proven. A computed row that needs its prediction only runs its first linear step after the
+  state (demo conv3 rows: conv5) on its change from the baseline in bfloat16 on the CPU, with a bound on that
+  product's error; where the bound leaves the prediction provably the float32 one it is taken, otherwise the row runs
+  in float32 (``compute.lib.reduced``; ``rows_reduced`` counts them). Reduced precision for whole rows is not used: a
+  bound on its error that holds for every input grows with the width of each layer it passes (4096 for fc7) and came
+  out about 140 times the logits' spread on a random AlexNet (BENCHMARKS.md). A caller on a GPU must keep TF32 off
+  (``torch.backends.cudnn.allow_tf32 = False``, as ``compute.all`` does) for the same reason.
 * Chunks. Rows run in chunks sized so that one chunk's tensors stay within ``max_memory`` bytes.
 
 Floating point: the update is summed in a different order than the full product, so logits may differ in the last
@@ -45,10 +52,6 @@ are tied, and a tie goes to the lowest class index. What is guaranteed, on every
 every row not near a tie equals the full float32 computation; two classes tied in exact arithmetic (equal rows of the
 last layer) are decided for the lower index; a float64 gap beyond twice the bound is decided by value.
 ``compute.lib.ties.predict`` applies the same rule to a plain run of a whole network, the reference tests compare with.
-Reduced precision (bf16, TF32) is not used: a bound on its
-error that holds for every input grows with the width of each layer it passes (4096 for fc7) and came out about 140
-times the logits' spread on a random AlexNet (BENCHMARKS.md), so every row would need recomputing. A caller on a GPU
-must keep TF32 off (``torch.backends.cudnn.allow_tf32 = False``, as ``compute.all`` does) for the same reason.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from torch import nn
 from compute.lib import ties
 from compute.lib.certificates import Certificate, plain_conv
 from compute.lib.pooling import with_sliced_pools
+from compute.lib.reduced import ReducedStep
 
 _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU, nn.Identity,
                 nn.Dropout, nn.Dropout2d)
@@ -72,6 +76,9 @@ _LINEAR_POOL = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout, nn.
 # Certified rows are entered and checked in pieces of about this many bytes of state: small enough to stay in cache
 # over the several elementwise passes a check makes (on whole 1 GiB chunks they made the check cost more than it saved).
 _PIECE_BYTES = 4 << 20
+# Rows decided in reduced precision at once: demo conv3 rows, 4,096 at once 490 ms, in pieces of 512 291 ms (the
+# elementwise passes of a whole chunk ran from memory).
+_REDUCED_PIECE = 512
 
 
 @dataclass
@@ -95,9 +102,11 @@ class _Rows:
     exact: Callable[[torch.Tensor], torch.Tensor]
     row_bytes: int
     ablation_bytes: int = 0
-    certified: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    certified: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     state_bytes: int = 0  # of one row's state, for sizing the pieces certified at once
     settled: torch.Tensor | None = None  # [S, B] rows proven to keep the baseline's prediction before entering
+    # (images, state, sizes) -> (pred, proven): predictions with the first linear step in bfloat16, where proven
+    reduced: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class AblationEngine:
@@ -106,13 +115,16 @@ class AblationEngine:
     ``max_memory`` bounds the bytes of the intermediate tensors one chunk of rows may use; rows are streamed in chunks
     of that size, so any number of ablations fits. Of the last call's rows, ``rows_computed`` ran the tail and
     ``rows_certified`` were proven unchanged without it; the others were skipped as unchanged (every ablated unit zero
-    on the image). Kept between calls: a Linear entry's weight ordered by input channel (151 MB for AlexNet's fc6),
-    once a near-tie needs it a float64 copy of the tail, and once a call certifies, the certificate per input shape
-    (its operator norms cost a few seconds for AlexNet's 4096-wide layers, once).
+    on the image); ``rows_reduced`` of the computed rows were decided in bfloat16 (``compute.lib.reduced``).
+    ``reduced_precision``: None decides per step (on the CPU, where bfloat16 is faster here and proves most rows),
+    True uses it wherever a bound exists (for tests), False never; the predictions are the same in every case. Kept
+    between calls: a Linear entry's weight ordered by input channel (151 MB for AlexNet's fc6), once a near-tie needs
+    it a float64 copy of the tail, and once a call certifies, the certificate per input shape (its operator norms cost
+    a few seconds for AlexNet's 4096-wide layers, once).
     """
 
     def __init__(self, tail: nn.Sequential, max_memory: int = 1 << 30, margin_tol: float = 1e-3,
-                 use_shortcuts: bool = True):
+                 use_shortcuts: bool = True, reduced_precision: bool | None = None):
         # In place (the pools are the caller's modules): same outputs, faster on the CPU (compute.lib.pooling).
         self.tail = with_sliced_pools(tail).eval()
         self.max_memory = int(max_memory)
@@ -124,6 +136,9 @@ class AblationEngine:
         self._certificates: dict = {}
         self._row_bytes: dict = {}
         self._unit_table = None
+        self.reduced_precision = reduced_precision
+        self.rows_reduced = 0
+        self._reduced_shares: dict = {}
         self._split_entry(use_shortcuts)
 
     # -- structure ---------------------------------------------------------------------------------------------
@@ -315,9 +330,13 @@ class AblationEngine:
         # A float64 row holds its gathered weights, and twice what a float32 row holds.
         exact_row_bytes = 2 * (weight[0].numel() * weight.element_size() + row_bytes)
         # The rest may start with an in-place ReLU (AlexNet's): its baseline logits come from a copy of ``full``.
-        certified = certificate.rows(full, self.rest(full.clone()), base_pred, self.margin_tol) if certificate else None
+        certified = reduced = None
+        if certificate:
+            first = _in_place(certificate.lead, full.clone())
+            certified = certificate.rows(first, self.rest(full.clone()), base_pred, self.margin_tol)
+            reduced = self._reduced("after the entry", after, first)
         return _Rows(enter, lambda state: _in_place(after, state), exact, row_bytes, ablation_bytes, certified,
-                     full[0].numel() * full.element_size())
+                     full[0].numel() * full.element_size(), reduced=reduced)
 
     def _removed_rows(self, rows, source, weight, starts, dtype) -> torch.Tensor:
         """``L_m(x_m)`` per row for one channel per ablation, all rows at once: each row's channel map and its weights
@@ -391,7 +410,33 @@ class AblationEngine:
             rows_of.enter, rows_of.finish = (lambda rows: first(edit(rows))), rest
             rows_of.certified = after.rows(entered, logits, base_pred, self.margin_tol)
             rows_of.state_bytes = entered[0].numel() * entered.element_size()
+        rows_of.reduced = self._reduced("after the leading steps", rest, entered)
         return rows_of
+
+    def _reduced(self, name: str, after: nn.Sequential, first: torch.Tensor):
+        """``_Rows.reduced`` for rows whose state (shaped like the baseline's ``first`` [B, ...]) runs ``after`` (the
+        steps ``name`` says, for the cache): None
+        where reduced precision is off, not on the CPU, not faster here (``ReducedStep.faster``), or has no bound."""
+        if self.reduced_precision is False or self.device.type != "cpu" or not len(first):
+            return None
+        key = f"reduced, {name}"
+        step = self._certificate(key, first, lambda: ReducedStep.of(after, first[:1]))
+        if step is None:
+            return None
+        if self.reduced_precision is None:
+            # Automatic: where it is faster here, and not where the last call proved fewer than half its rows
+            # (random weights: their margins are small; then every row would pay twice).
+            share = self._reduced_shares.get(key)
+            if not step.faster(first[:1]) or (share is not None and share < 0.5):
+                return None
+        decide = step.bind(first, self.margin_tol)
+        return lambda *args: self._count_reduced(key, *decide(*args))
+
+    def _count_reduced(self, key: str, pred: torch.Tensor, proven: torch.Tensor) -> tuple:
+        """Keep the share of rows the reduced step proved (the latest piece's) for ``_reduced``'s choice."""
+        if len(proven):
+            self._reduced_shares[key] = float(proven.float().mean())
+        return pred, proven
 
     def _certificate(self, name: str, example: torch.Tensor, make) -> Certificate | None:
         """The certificate ``make()`` of the steps ``name`` says (after the entry, the whole tail, ...) for inputs
@@ -427,9 +472,12 @@ class AblationEngine:
             changed = changed & ~rows_of.settled
         self.rows_certified = settled
         rows = changed.nonzero(as_tuple=False)  # [R, 2] of (s, b), sorted by s
+        self.rows_reduced = 0
         for chunk in self._chunks(rows, rows_of):
-            part, state = self._enter(chunk, rows_of)
+            part, state, sizes = self._enter(chunk, rows_of)
             self.rows_certified += len(chunk) - len(part)
+            if len(part) and rows_of.reduced is not None:
+                part, state = self._reduce(part, state, sizes, rows_of.reduced, pred)
             if not len(part):
                 continue
             outcome = self._decide(rows_of.finish(state), labels[part[:, 1]],
@@ -440,19 +488,35 @@ class AblationEngine:
         self.rows_computed = len(rows) - (self.rows_certified - settled)
         return Outcome(pred, prob)
 
+    def _reduce(self, part: torch.Tensor, state: torch.Tensor, sizes, reduced, pred: torch.Tensor) -> tuple:
+        """Rows decided in reduced precision (``_Rows.reduced``; ``sizes``: their changes' norms, or None) written
+        into ``pred``; the others and their states returned. In pieces of ``_REDUCED_PIECE`` rows, so that the pieces'
+        float32 and bfloat16 copies stay in cache."""
+        kept = []
+        for at in range(0, len(part), _REDUCED_PIECE):
+            rows = part[at:at + _REDUCED_PIECE]
+            fast, proven = reduced(rows[:, 1], state[at:at + _REDUCED_PIECE],
+                                   None if sizes is None else sizes[at:at + _REDUCED_PIECE])
+            pred[rows[proven, 0], rows[proven, 1]] = fast[proven]
+            self.rows_reduced += int(proven.sum())
+            kept.append(at + torch.nonzero(~proven).flatten())
+        kept = torch.cat(kept)
+        return part[kept], state[kept]
+
     @staticmethod
-    def _enter(chunk: torch.Tensor, rows_of: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows of ``chunk`` left to compute and their states: all of them, or those not certified, entered and
-        checked piece by piece (``_PIECE_BYTES``)."""
+    def _enter(chunk: torch.Tensor, rows_of: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rows of ``chunk`` left to compute, their states and how far each state moved (None where no check
+        measured it): all of them, or those not certified, entered and checked piece by piece (``_PIECE_BYTES``)."""
         if rows_of.certified is None:
-            return chunk, rows_of.enter(chunk)
-        kept, states = [], []
+            return chunk, rows_of.enter(chunk), None
+        kept, states, sizes = [], [], []
         for piece in chunk.split(max(1, _PIECE_BYTES // rows_of.state_bytes)):
             state = rows_of.enter(piece)
-            keep = ~rows_of.certified(piece, state)
-            kept.append(piece[keep])
-            states.append(state[keep])
-        return torch.cat(kept), torch.cat(states)
+            certified, size = rows_of.certified(piece, state)
+            kept.append(piece[~certified])
+            states.append(state[~certified])
+            sizes.append(size[~certified])
+        return torch.cat(kept), torch.cat(states), torch.cat(sizes)
 
     def _chunks(self, rows: torch.Tensor, rows_of: _Rows) -> tuple:
         """Consecutive pieces of ``rows`` whose estimated memory stays within ``max_memory`` (a row or an ablation
