@@ -273,7 +273,8 @@ def run_case(case: Case, images_count: int, device: torch.device, quick: bool, r
     return {
         "case": f"{key} {case.layer}", "units": len(units), "images": images_count,
         "naive_rate": n_evals / n_seconds, "engine_rate": e_evals / e_seconds,
-        "uncertified_rate": e_evals / u_seconds, "float32_rate": e_evals / f_seconds, "ablation_rate": e_evals / tail_seconds,
+        "uncertified_rate": e_evals / u_seconds, "float32_rate": e_evals / f_seconds,
+        "ablation_rate": e_evals / tail_seconds,
         "prefix_rate": images_count / prefix_seconds, "computed": computed / e_evals,
         "certified": certified / e_evals, "reduced": reduced / e_evals, "naive_flops": n_flops / n_seconds,
         "engine_flops": e_flops / e_seconds, "naive_bytes": n_bytes, "engine_bytes": e_bytes, "agree": agree,

@@ -1,8 +1,8 @@
 """Certified skipping: the bound against its formula, rows certified and not, and predictions equal to the naive ones.
 
 A row is certified when its baseline margins exceed a proven bound on how far the ablation moves them
-(``compute.lib.certificates.Certificate``); the tail then does not run for it. Whatever is certified, every prediction must
-equal ``compute.lib.ties.predict`` of the whole network with the unit zeroed.
+(``compute.lib.certificates.Certificate``); the tail then does not run for it. Whatever is certified, every
+prediction must equal ``compute.lib.ties.predict`` of the whole network with the unit zeroed.
 """
 
 import math
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compute.lib import ties
-from compute.lib.certificates import Certificate, conv_norm, lipschitz_bound, windows_per_input
+from compute.lib.certificates import Certificate, channel_norms, conv_norm, lipschitz_bound, windows_per_input
 from compute.lib.engine import AblationEngine, single_unit_masks
 from compute.models.demo import build_demo
 from compute.lib.sequence import run_to, tail_of
@@ -158,6 +158,45 @@ def test_conv_norm_bounds_the_exact_operator_norm(stride, dilation, padding):
     estimate = nn.functional.conv2d(x, conv.weight, None, stride, padding, dilation).norm().item()
     assert estimate <= exact * (1 + 1e-9) <= bound
     assert bound < 2.5 * exact
+
+
+def test_channel_norms_bound_each_channels_map():
+    """Per input channel, the norm of the entry restricted to it: a Linear's block of columns exactly (its largest
+    singular value), a convolution's at or above the exact norm of its one-input-channel matrix, within 2.5 times."""
+    torch.manual_seed(5)
+    linear = nn.Linear(4 * 6, 7).double()
+    table = linear.weight.view(7, 4, 6).permute(1, 2, 0)  # [channel, positions, out], as the engine orders it
+    exact = torch.stack([torch.linalg.matrix_norm(table[c], 2) for c in range(4)])
+    norms = channel_norms(linear, table)
+    assert torch.allclose(norms, exact, rtol=1e-5) and (norms >= exact).all()
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    size = (5, 6)
+    norms = channel_norms(conv, conv.weight.transpose(0, 1), size)
+    for c in range(3):
+        single = nn.Conv2d(1, 4, 3, padding=1, bias=False).double()
+        single.weight.data = conv.weight[:, c:c + 1].detach()
+        basis = torch.eye(size[0] * size[1], dtype=torch.float64).view(-1, 1, *size)
+        exact = torch.linalg.matrix_norm(single(basis).flatten(1), 2).item()
+        assert exact * (1 - 1e-9) <= float(norms[c]) < 2.5 * exact
+        assert float(norms[c]) == pytest.approx(conv_norm(single, size), rel=1e-9)
+
+
+@pytest.mark.parametrize("step", ["relu3", "relu5"])
+def test_rows_settled_before_entering_equal_naive(step, monkeypatch):
+    """Rows whose removed channels' norms bound the change inside the radius are certified without being entered
+    (``_settled_by_size``): some are, and every prediction is still the definition's."""
+    model, images = trained_like()
+    acts = run_to(model, images, [step])[step]
+    labels = tail_of(model, step)(acts).argmax(1)
+    engine = AblationEngine(tail_of(model, step), reduced_precision=False)
+    seen = []
+    original = AblationEngine._settled_by_size
+    monkeypatch.setattr(AblationEngine, "_settled_by_size",
+                        lambda self, *args: seen.append(original(self, *args)) or seen[-1])
+    outcome = engine.evaluate_units(acts, labels, single_unit_masks(acts.shape[1]), probabilities=False)
+    assert seen and int(seen[-1].sum()) > 0
+    for unit in range(acts.shape[1]):
+        assert torch.equal(outcome.pred[unit], zeroed_predictions(model, step, unit, images)), f"unit {unit}"
 
 
 @pytest.mark.parametrize("pool, size, windows", [

