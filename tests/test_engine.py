@@ -264,3 +264,14 @@ def test_near_ties_are_decided_in_float64():
         edited = acts.clone().double()
         edited[:, unit] = 0
         assert torch.equal(outcome.pred[unit], tail64(edited).argmax(1))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((5, 3), (2, 1), (2, 0), (1, 2)), ((1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 3), (2, 2), (0, 0), (2, 2))])
+def test_patches_equal_unfold(kernel, stride, padding, dilation):
+    """The engine's strided-slice patches of single-channel maps are ``F.unfold``'s, for any conv geometry."""
+    conv = torch.nn.Conv2d(1, 1, kernel, stride, padding, dilation)
+    maps = torch.randn(7, 11, 9)
+    expected = torch.nn.functional.unfold(maps.unsqueeze(1), kernel, dilation, padding, stride)
+    assert torch.equal(engine_module._patches(maps, conv), expected)
