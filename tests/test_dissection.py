@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from compute.data.broden import BrodenDataset, ImageLabels
-from compute.lib.dissection import (UNION_RULES, ConceptSource, ConceptTable, IoUTally, best_concepts, dissect,
-                                    encode_labels, merge_tallies, merge_thresholds, tally_iou,
+from compute.lib.dissection import (UNION_RULES, ConceptImages, ConceptSource, ConceptTable, IoUTally, best_concepts,
+                                    dissect, encode_labels, merge_tallies, merge_thresholds, tally_iou,
                                     threshold_state)
+from compute.lib import dissection as dissection_module
 from compute.models.registry import Preprocess
 from compute.lib.quantiles import TopQuantile
 from compute.lib.sequence import run_to
@@ -374,3 +375,20 @@ def test_union_rule_sentence_names_old_stores():
 
     assert "NetDissect-Lite" in union_rule_sentence("pixel") and "image presence" in union_rule_sentence(b"image")
     assert "by index.csv column (before the fix)" in union_rule_sentence(None)
+
+
+def test_second_pass_reads_the_first_pass_images(val_concepts, monkeypatch):
+    """Decoded concept images are kept from the thresholds pass for the IoU pass where the set fits: the second pass
+    decodes nothing, and the numbers are those of decoding every image twice."""
+    sequence = colour_sequence()
+    source = ConceptSource(val_concepts, PLAIN, torch.device("cpu"), batch_size=32)
+    whole = dissect(sequence, "pool", source, quantile=0.005)
+    assert len(source._cache) == len(val_concepts)
+    decoded = []
+    monkeypatch.setattr(ConceptImages, "_decoded", lambda self, i: decoded.append(i))
+    again = tally_iou(sequence, "pool", source, whole.table, whole.thresholds)
+    assert decoded == [] and np.array_equal(again.iou(), whole.iou)
+    monkeypatch.undo()
+    monkeypatch.setattr(dissection_module, "CACHE_BYTES", 0)
+    uncached = ConceptSource(val_concepts, PLAIN, torch.device("cpu"), batch_size=32)
+    assert np.array_equal(dissect(sequence, "pool", uncached, quantile=0.005).iou, whole.iou) and not uncached._cache
