@@ -138,3 +138,33 @@ def test_automatic_choice(monkeypatch):
     monkeypatch.undo()
     fc7 = nn.Sequential(*list(tail_of(model, "relu5").children())[-4:])  # drop7, fc7, relu7, fc8
     assert isinstance(fc7[1], nn.Linear) and not ReducedStep.of(fc7, torch.rand(1, 256)).faster(torch.rand(1, 256))
+
+
+def test_automatic_mode_stops_within_a_call(monkeypatch):
+    """Automatic mode: a piece that proves fewer than half its rows ends reduced precision for the rest of the call
+    (random weights' margins are small); the rows left run in float32 and every prediction is the definition's."""
+    from compute.lib import engine as engine_module
+
+    model, images = trained_like()
+    acts = run_to(model, images, ["relu3"])["relu3"]
+    labels = tail_of(model, "relu3")(acts).argmax(1)
+    monkeypatch.setattr(ReducedStep, "faster", lambda self, example: True)
+    monkeypatch.setattr(engine_module, "_REDUCED_PIECE", 100)
+    calls = []
+    original = ReducedStep.bind
+
+    def proving_nothing(self, first, margin_tol):
+        decide = original(self, first, margin_tol)
+
+        def none_proven(images, state, sizes=None):
+            calls.append(len(images))
+            pred, proven = decide(images, state, sizes)
+            return pred, torch.zeros_like(proven)
+        return none_proven
+
+    monkeypatch.setattr(ReducedStep, "bind", proving_nothing)
+    engine = AblationEngine(tail_of(model, "relu3"))
+    outcome = engine.evaluate_units(acts, labels, single_unit_masks(acts.shape[1]), probabilities=False)
+    assert calls == [100] and engine.rows_computed > 300
+    for unit in range(acts.shape[1]):
+        assert torch.equal(outcome.pred[unit], zeroed_predictions(model, "relu3", unit, images)), f"unit {unit}"

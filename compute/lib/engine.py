@@ -533,16 +533,20 @@ class AblationEngine:
     def _reduce(self, part: torch.Tensor, state: torch.Tensor, sizes, reduced, pred: torch.Tensor) -> tuple:
         """Rows decided in reduced precision (``_Rows.reduced``; ``sizes``: their changes' norms, or None) written
         into ``pred``; the others and their states returned. In pieces of ``_REDUCED_PIECE`` rows, so that the pieces'
-        float32 and bfloat16 copies stay in cache."""
-        kept = []
-        for at in range(0, len(part), _REDUCED_PIECE):
+        float32 and bfloat16 copies stay in cache. Automatic mode stops after a piece that proved fewer than half its
+        rows (``_reduced``'s rule), leaving the rest to float32."""
+        kept, at = [], 0
+        while at < len(part):
             rows = part[at:at + _REDUCED_PIECE]
             fast, proven = reduced(rows[:, 1], state[at:at + _REDUCED_PIECE],
                                    None if sizes is None else sizes[at:at + _REDUCED_PIECE])
             pred[rows[proven, 0], rows[proven, 1]] = fast[proven]
             self.rows_reduced += int(proven.sum())
             kept.append(at + torch.nonzero(~proven).flatten())
-        kept = torch.cat(kept)
+            at += len(rows)
+            if self.reduced_precision is None and float(proven.float().mean()) < 0.5:
+                break
+        kept = torch.cat([*kept, torch.arange(at, len(part), device=part.device)])
         return part[kept], state[kept]
 
     @staticmethod
