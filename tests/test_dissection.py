@@ -18,7 +18,6 @@ from compute.data.broden import BrodenDataset, ImageLabels
 from compute.lib.dissection import (UNION_RULES, ConceptImages, ConceptSource, ConceptTable, IoUTally, best_concepts,
                                     dissect, encode_labels, merge_tallies, merge_thresholds, tally_iou,
                                     threshold_state)
-from compute.lib import dissection as dissection_module
 from compute.models.registry import Preprocess
 from compute.lib.quantiles import TopQuantile
 from compute.lib.sequence import run_to
@@ -389,6 +388,5 @@ def test_second_pass_reads_the_first_pass_images(val_concepts, monkeypatch):
     again = tally_iou(sequence, "pool", source, whole.table, whole.thresholds)
     assert decoded == [] and np.array_equal(again.iou(), whole.iou)
     monkeypatch.undo()
-    monkeypatch.setattr(dissection_module, "CACHE_BYTES", 0)
-    uncached = ConceptSource(val_concepts, PLAIN, torch.device("cpu"), batch_size=32)
+    uncached = ConceptSource(val_concepts, PLAIN, torch.device("cpu"), batch_size=32, cache_bytes=0)
     assert np.array_equal(dissect(sequence, "pool", uncached, quantile=0.005).iou, whole.iou) and not uncached._cache

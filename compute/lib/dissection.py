@@ -60,8 +60,8 @@ from compute.lib.quantiles import TopQuantile
 from compute.lib.sequence import run_to
 
 STAGE = "dissection"
-UNION_RULES = ("image", "pixel")
-CACHE_BYTES = 512 << 20  # decoded concept images kept between the two passes (ConceptSource)  # see the module docstring; the first is the default
+UNION_RULES = ("image", "pixel")  # see the module docstring; the first is the default
+CACHE_BYTES = 256 << 20  # decoded concept images kept between the two passes (ConceptSource), by default
 PASSES = ("thresholds", "iou")  # each sharded under torchrun: <stage>/<pass>/shard-r-of-w
 
 
@@ -180,9 +180,10 @@ class ConceptSource:
     device: torch.device
     batch_size: int = 64
     workers: int = 0
-    # Decoded images kept from the first pass for the second, where the whole set fits in ``CACHE_BYTES`` and no
+    # Decoded images kept from the first pass for the second, where the whole set fits in ``cache_bytes`` and no
     # worker processes load them (theirs would not outlive the pass): SynthScenes' 9,600 images, 118 MB, saved
-    # 1.2 s of decoding; Broden's 63,305 at 224 px would be 9.5 GB and are decoded twice.
+    # 1.5 s of decoding; Broden's 63,305 at 224 px would be 9.5 GB and are decoded twice.
+    cache_bytes: int = CACHE_BYTES
     _cache: dict = field(default_factory=dict, repr=False, init=False, compare=False)
 
     @property
@@ -193,7 +194,7 @@ class ConceptSource:
         """Yield ({step: activation maps [B, units, h, w] float}, encoded labels or Nones) over the concept set's
         batches (default: all of them). One forward pass per batch serves every step: the images are read, decoded
         and run through the network's prefix once however many layers are dissected."""
-        fits = len(self.broden) * 3 * self.preprocess.crop ** 2 <= CACHE_BYTES
+        fits = len(self.broden) * 3 * self.preprocess.crop ** 2 <= self.cache_bytes
         data = ConceptImages(self.broden, self.preprocess.crop, table,
                              self._cache if fits and self.workers == 0 else None)
         if batches is not None:  # whole batches: the selected images fall into the same batches as in a full pass

@@ -33,8 +33,10 @@ def run_stage(ctx, layers: list[str]) -> None:
         raise UserError(f"--quantile {args.quantile} is not a fraction: use e.g. 0.005 (the top 0.5%)")
     if args.union_rule not in UNION_RULES:
         raise UserError(f"--union-rule {args.union_rule} is not one of {', '.join(UNION_RULES)}")
+    # the decoded images kept between the passes count against --max-memory: a quarter of it at most
     source = ConceptSource(BrodenDataset(root), ctx.spec.preprocess, ctx.device, ctx.batch_size,
-                           workers=default_workers() if ctx.device.type == "cuda" else 0)
+                           workers=default_workers() if ctx.device.type == "cuda" else 0,
+                           cache_bytes=ctx.max_memory // 4)
     joint = f"{STAGE}/{'+'.join(layers)}"
     results = _sharded_dissect(ctx, layers, source, args.quantile, args.union_rule, joint)
     if results is None:
