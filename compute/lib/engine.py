@@ -523,7 +523,7 @@ class AblationEngine:
             if not len(part):
                 continue
             outcome = self._decide(rows_of.finish(state), labels[part[:, 1]],
-                                   lambda close: rows_of.exact(part[close]))
+                                   lambda close: rows_of.exact(part[close]), probabilities)
             pred[part[:, 0], part[:, 1]] = outcome.pred
             if probabilities:
                 prob[part[:, 0], part[:, 1]] = outcome.true_prob
@@ -575,16 +575,18 @@ class AblationEngine:
         chunk = torch.div(cost.cumsum(0) - cost, self.max_memory, rounding_mode="floor")
         return rows.split(torch.unique_consecutive(chunk, return_counts=True)[1].tolist())
 
-    def _decide(self, logits: torch.Tensor, labels: torch.Tensor, exact) -> Outcome:
-        """Predicted class and true-class probability from float32 logits; rows near a tie are decided by
-        ``exact(close)``, their float64 logits and rounding bounds, under ``compute.lib.ties``' rule."""
+    def _decide(self, logits: torch.Tensor, labels: torch.Tensor, exact, probabilities: bool = True) -> Outcome:
+        """Predicted class and true-class probability (None without ``probabilities``) from float32 logits; rows near
+        a tie are decided by ``exact(close)``, their float64 logits and rounding bounds, under ``compute.lib.ties``'
+        rule."""
         close = ties.near_tie(logits, self.margin_tol)
         pred = logits.argmax(1)  # unique wherever the row is not close
-        prob = torch.log_softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).exp()
+        prob = torch.log_softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).exp() if probabilities else None
         if close.any():
             settled, bound = exact(close)
             pred[close] = ties.lowest_of_tied(settled, bound)
-            prob[close] = torch.softmax(settled, 1).gather(1, labels[close][:, None]).squeeze(1).float()
+            if probabilities:
+                prob[close] = torch.softmax(settled, 1).gather(1, labels[close][:, None]).squeeze(1).float()
         return Outcome(pred, prob)
 
 def _direction_change(acts: torch.Tensor, q: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
