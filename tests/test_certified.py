@@ -275,8 +275,13 @@ def test_sets_and_directions_equal_naive(step):
     for s, mask in enumerate(masks):
         edited = acts * (~mask).float()[None, :, None, None]
         assert torch.equal(outcome.pred[s], ties.predict(tail, edited)), f"set {s}"
-    q = random_rotation(acts.shape[1], 4)
-    directions = torch.arange(0, acts.shape[1], 7)
+    assert_directions_equal_projection(engine, tail, acts, labels, random_rotation(acts.shape[1], 4), every=7)
+
+
+def assert_directions_equal_projection(engine, tail, acts, labels, q, every: int) -> None:
+    """Every ``every``-th direction of ``q`` removed by the engine (predictions only) equals the projection
+    a - q_j (q_j^T a) run through the whole tail plainly (``ties.predict``)."""
+    directions = torch.arange(0, acts.shape[1], every)
     outcome = engine.evaluate_directions(acts, labels, q, directions, probabilities=False)
     for row, j in enumerate(directions):
         qj = q[:, j]

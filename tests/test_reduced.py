@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 from compute.lib import reduced as reduced_module
-from compute.lib import ties
 from compute.lib.engine import AblationEngine, single_unit_masks
 from compute.lib.reduced import ReducedStep
 from compute.lib.sequence import run_to, tail_of
-from tests.test_certified import trained_like, zeroed_predictions
+from tests.test_certified import assert_directions_equal_projection, trained_like, zeroed_predictions
 from tests.test_engine import random_rotation
 
 
@@ -71,13 +70,7 @@ def test_reduced_directions_equal_projection():
     acts = run_to(model, images, ["relu5"])["relu5"]
     labels = tail(acts).argmax(1)
     engine = AblationEngine(tail, reduced_precision=True)
-    q = random_rotation(acts.shape[1], 2)
-    directions = torch.arange(0, acts.shape[1], 3)
-    outcome = engine.evaluate_directions(acts, labels, q, directions, probabilities=False)
-    for row, j in enumerate(directions):
-        qj = q[:, j]
-        edited = acts - qj[None, :, None, None] * torch.einsum("bchw,c->bhw", acts, qj)[:, None]
-        assert torch.equal(outcome.pred[row], ties.predict(tail, edited)), f"direction {int(j)}"
+    assert_directions_equal_projection(engine, tail, acts, labels, random_rotation(acts.shape[1], 2), every=3)
     assert engine.rows_reduced > 0
 
 
