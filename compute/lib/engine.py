@@ -457,8 +457,8 @@ class AblationEngine:
 
     def _reduced(self, name: str, after: nn.Sequential, first: torch.Tensor):
         """``_Rows.reduced`` for rows whose state (shaped like the baseline's ``first`` [B, ...]) runs ``after`` (the
-        steps ``name`` says, for the cache): None
-        where reduced precision is off, not on the CPU, not faster here (``ReducedStep.faster``), or has no bound."""
+        steps ``name`` says, for the cache): None where reduced precision is off, not on the CPU, not faster here
+        (``ReducedStep.faster``), or has no bound."""
         if self.reduced_precision is False or self.device.type != "cpu" or not len(first):
             return None
         key = f"reduced, {name}"
