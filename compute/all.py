@@ -332,9 +332,14 @@ def main(argv=None) -> int:
     return 0
 
 
+# Stages that stream a layer's activations on every validation image again after the passes before them.
+KEPT_FOR = ("greedy", "rotation", "live")
+
+
 def run_steps(ctx, writer, steps, dist) -> None:
     """Compute every step not done yet; a joint stage computes all its due layers in one call."""
     running = {"stage": "setup"}
+    ctx.keep = frozenset(step.layer for step in steps if step.stage.section in KEPT_FOR and not writer.done(step.name))
     if dist.active:
         distributed.say_when_stopped(lambda: f"during stage {running['stage']}; finished shards are kept in {writer.parts}")
     for step in steps:

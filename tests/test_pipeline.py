@@ -136,3 +136,53 @@ def test_a_missing_demo_checkpoint_is_trained_by_compute_all_not_by_the_loader(t
     monkeypatch.setattr(train, "train_demo", fake_training)
     model, provenance = pipeline.load_or_train(spec, None, tmp_path, 3)
     assert trained == [("demo", 3)] and provenance["weights_path"] == str(weights_file("demo", 3, tmp_path))
+
+
+def _context(tiny_run, **extra):
+    from compute.data.validation import load_validation
+    from compute.models import get_spec
+    from compute.run.context import RunContext
+    from compute.run.imagecache import ImageCache
+
+    spec = get_spec("demo")
+    model, _ = spec.load(None, tiny_run["data_dir"])
+    val = load_validation("synthscenes", tiny_run["dataset"], spec.preprocess)
+    return RunContext(spec=spec, model=model, images=ImageCache(val.dataset, spec.preprocess),
+                      class_names=list(val.class_names), layers=["conv3", "conv4", "conv5"],
+                      device=torch.device("cpu"), writer=None, config={}, data_dir=tiny_run["data_dir"],
+                      batch_size=50, **extra)
+
+
+def _passes(ctx, layers, indices=None):
+    return [({name: value.clone() for name, value in acts.items()}, labels, idx)
+            for acts, labels, idx in ctx.activations(layers, indices=indices)]
+
+
+def test_kept_activations_are_the_recomputed_ones(tiny_run, monkeypatch):
+    """A layer in ``keep`` is kept by the first full pass over it; later passes (all images, or some in any order)
+    run no prefix and yield the batches a fresh pass yields, bit for bit, with the same labels and indices."""
+    import compute.run.context as context_module
+
+    plain = _context(tiny_run)
+    ctx = _context(tiny_run, keep=frozenset({"conv5"}))
+    some = np.random.default_rng(0).permutation(len(ctx.images))[:37]
+    expected = {"all": _passes(plain, ["conv5"]), "some": _passes(plain, ["conv5"], some)}
+    _passes(ctx, ["conv4", "conv5"])  # the first full pass (the ablation stage's, several layers)
+    runs = []
+    original = context_module.run_to
+    monkeypatch.setattr(context_module, "run_to", lambda *args, **kwargs: runs.append(1) or original(*args, **kwargs))
+    for name, indices in (("all", None), ("some", some)):
+        got = _passes(ctx, ["conv5"], indices)
+        assert len(got) == len(expected[name])
+        for (acts, labels, idx), (want, want_labels, want_idx) in zip(got, expected[name]):
+            assert torch.equal(acts["conv5"], want["conv5"])
+            assert torch.equal(labels, want_labels) and torch.equal(idx, want_idx)
+    assert runs == []
+    _passes(ctx, ["conv4"])  # not kept: the prefix runs
+    assert len(runs) > 0
+
+
+def test_nothing_kept_beyond_a_quarter_of_the_memory_budget(tiny_run):
+    ctx = _context(tiny_run, keep=frozenset({"conv5"}), max_memory=1 << 20)
+    _passes(ctx, ["conv5"])
+    assert ctx._kept == {}

@@ -34,11 +34,16 @@ class RunContext:
     files: list = field(default_factory=list)    # the validation images' files, in label order
     sharded: frozenset = frozenset()             # sections declared sharded in the stage table
     dist: Dist = field(default_factory=Dist)
+    # Layers whose activations on every validation image later stages stream again (greedy, rotation, live): the
+    # first full pass over them keeps them, where they fit in a quarter of max_memory, and those stages read them
+    # instead of rerunning the prefix (the demo's conv5: 157 MB, four passes). Set by the run (compute.all).
+    keep: frozenset = frozenset()
 
     def __post_init__(self):
         # Sliced pools give the stock pools' outputs, faster on the CPU (compute.lib.pooling); this model is not trained.
         self.sequence = with_sliced_pools(self.spec.to_sequence(self.model).to(self.device).eval())
         self._units: dict[str, int] = {}
+        self._kept: dict[str, torch.Tensor] = {}
 
     @property
     def num_classes(self) -> int:
@@ -56,20 +61,51 @@ class RunContext:
         return self.spec.layers[layer]
 
     def activations(self, layers: list[str], indices=None, run_all: bool = False, desc: str | None = None):
-        """Yield ({layer: acts}, labels, indices) batch by batch; the prefix runs once per batch for all layers."""
+        """Yield ({layer: acts}, labels, indices) batch by batch; the prefix runs once per batch for all layers, or
+        not at all where every layer's activations are kept (``keep``)."""
         from tqdm import tqdm
 
         steps = {self.step(layer): layer for layer in layers}
         total = len(self.images) if indices is None else len(indices)
-        batches = self.images.batches(self.batch_size, self.device, indices)
+        kept = not run_all and layers and all(layer in self._kept for layer in layers)
+        batches = (self._kept_batches(layers, indices) if kept
+                   else self.images.batches(self.batch_size, self.device, indices))
+        keeping = {} if kept or indices is not None else {layer: None for layer in layers
+                                                          if layer in self.keep and layer not in self._kept}
         with tqdm(total=total, desc=desc, unit="img", leave=False, disable=desc is None) as bar:
             for images, labels, idx in batches:
-                outputs = run_to(self.sequence, images, list(steps), run_all=run_all)
-                acts = {steps[s]: outputs[s] for s in steps}
-                if run_all:
-                    acts["logits"] = outputs["logits"]
+                if kept:
+                    acts = images
+                else:
+                    outputs = run_to(self.sequence, images, list(steps), run_all=run_all)
+                    acts = {steps[s]: outputs[s] for s in steps}
+                    if run_all:
+                        acts["logits"] = outputs["logits"]
+                    self._keep(keeping, acts, idx)
                 bar.update(len(idx))
                 yield acts, labels, idx
+        self._kept.update({layer: held for layer, held in keeping.items() if held is not None})
+
+    def _keep(self, keeping: dict, acts: dict, idx: torch.Tensor) -> None:
+        """Copy a full pass's batch of the layers being kept into their [N, ...] tensors (made on the first batch,
+        where the kept layers' total stays within a quarter of max_memory)."""
+        for layer in keeping:
+            batch = acts[layer]
+            if keeping[layer] is None:
+                size = len(self.images) * batch[0].numel() * batch.element_size()
+                held = sum(tensor.numel() * tensor.element_size() for tensor in self._kept.values())
+                if held + size > self.max_memory // 4:
+                    continue
+                keeping[layer] = batch.new_empty((len(self.images), *batch.shape[1:]))
+            keeping[layer][idx.to(batch.device)] = batch
+
+    def _kept_batches(self, layers: list[str], indices):
+        """Batches as ``ImageCache.batches`` yields them, with the kept activations in place of the images."""
+        order = np.arange(len(self.images)) if indices is None else np.asarray(indices)
+        for start in range(0, len(order), self.batch_size):
+            chosen = torch.as_tensor(order[start:start + self.batch_size])
+            yield ({layer: self._kept[layer][chosen.to(self._kept[layer].device)] for layer in layers},
+                   self.images.labels[chosen].to(self.device), chosen)
 
     def engine(self, layer: str) -> AblationEngine:
         return AblationEngine(tail_of(self.sequence, self.step(layer)), max_memory=self.max_memory)
