@@ -125,12 +125,11 @@ class Certificate:
         radius = self.radius(logits, base_pred, margin_tol)
         return change * (1 + CHANGE_SAFETY) < radius.to(change.device)[None, :]
 
-    def rows(self, first: torch.Tensor, logits: torch.Tensor, base_pred: torch.Tensor, margin_tol: float):
+    def rows(self, first: torch.Tensor, radius: torch.Tensor):
         """``certified(rows, state) -> (certified, change)`` for the engine's rows, from the baseline's first
-        activation ``first`` [B, ...] (``lead``'s output) and its logits: rows whose first activation ``state`` moved
-        less than their image's radius, and how far each moved (||state - first||, float64). None when no image has
-        a radius (no row could be certified: the checks would only cost)."""
-        radius = self.radius(logits, base_pred, margin_tol)
+        activation ``first`` [B, ...] (``lead``'s output) and each image's ``radius`` [B]: rows whose first activation
+        ``state`` moved less than their image's radius, and how far each moved (||state - first||, float64). None
+        when no image has a radius (no row could be certified: the checks would only cost)."""
         if not bool((radius > 0).any()):
             return None
 

@@ -68,6 +68,7 @@ from torch import nn
 from compute.lib import ties
 from compute.lib.certificates import CHANGE_SAFETY, Certificate, channel_norms, lipschitz_bound, plain_conv
 from compute.lib.pooling import with_sliced_pools
+from compute.lib.sequence import run_in_place
 from compute.lib.reduced import ReducedStep
 
 _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ReLU, nn.Identity,
@@ -298,16 +299,16 @@ class AblationEngine:
 
         def enter(rows):
             if single:
-                return _in_place(lead, _updated_single(rows, full, source, weight, starts))
+                return run_in_place(lead, _updated_single(rows, full, source, weight, starts))
             if taps is not None:
-                return _in_place(lead, _updated_single_conv(rows, full, source, taps, starts, self.entry))
+                return run_in_place(lead, _updated_single_conv(rows, full, source, taps, starts, self.entry))
             entered = full[rows[:, 1]]
             if chained is not None:
                 entered -= chained(rows)
-                return _in_place(lead, entered)
+                return run_in_place(lead, entered)
             for at, removed in self._removed_pieces(rows, source, weight, selections, full.dtype):
                 entered[at] -= removed  # in place: no second row-sized buffer, no concatenation
-            return _in_place(lead, entered)
+            return run_in_place(lead, entered)
 
         def removed64(rows, source=source, weight=weight):
             if one_each:
@@ -344,14 +345,13 @@ class AblationEngine:
         # The rest may start with an in-place ReLU (AlexNet's): its baseline logits come from a copy of ``full``.
         certified = reduced = settled = None
         if certificate:
-            first = _in_place(certificate.lead, full.clone())
-            logits = self.rest(full.clone())
-            certified = certificate.rows(first, logits, base_pred, self.margin_tol)
+            first = run_in_place(certificate.lead, full.clone())
+            radius = certificate.radius(self.rest(full.clone()), base_pred, self.margin_tol)
+            certified = certificate.rows(first, radius)
             if certified is not None:
-                settled = self._settled_by_size(certificate, full, source, weight, selections,
-                                                certificate.radius(logits, base_pred, self.margin_tol))
+                settled = self._settled_by_size(certificate, full, source, weight, selections, radius)
             reduced = self._reduced("after the entry", after, first)
-        return _Rows(enter, lambda state: _in_place(after, state), exact, row_bytes, ablation_bytes, certified,
+        return _Rows(enter, lambda state: run_in_place(after, state), exact, row_bytes, ablation_bytes, certified,
                      full[0].numel() * full.element_size(), settled, reduced)
 
     def _settled_by_size(self, certificate, full, source, weight, selections, radius) -> torch.Tensor | None:
@@ -450,7 +450,7 @@ class AblationEngine:
             rows_of.settled = whole.settled(change(), logits, base_pred, self.margin_tol)
         if count:
             rows_of.enter, rows_of.finish = (lambda rows: first(edit(rows))), rest
-            rows_of.certified = after.rows(entered, logits, base_pred, self.margin_tol)
+            rows_of.certified = after.rows(entered, after.radius(logits, base_pred, self.margin_tol))
             rows_of.state_bytes = entered[0].numel() * entered.element_size()
         rows_of.reduced = self._reduced("after the leading steps", rest, entered)
         return rows_of
@@ -642,14 +642,6 @@ def _patches(maps: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     taps = [padded[:, i * dh:i * dh + (rows_out - 1) * sh + 1:sh, j * dw:j * dw + (cols_out - 1) * sw + 1:sw]
             for i in range(kh) for j in range(kw)]
     return torch.stack(taps, 1).flatten(2)
-
-
-def _in_place(steps: nn.Sequential, rows: torch.Tensor) -> torch.Tensor:
-    """``steps(rows)`` on a buffer of the engine's own (never a caller's tensor): ReLUs overwrite their input rather
-    than fill a new tensor, which saves a write of every row's state (a replay's ReLUs took 1.2 s of 19 s)."""
-    for step in steps.children():
-        rows = rows.relu_() if isinstance(step, nn.ReLU) else step(rows)
-    return rows
 
 
 class _ChainUpdates:

@@ -40,3 +40,11 @@ def run_to(sequence: nn.Sequential, images: torch.Tensor, steps: list[str], run_
     if run_all:
         outputs["logits"] = x
     return outputs
+
+
+def run_in_place(steps: nn.Sequential, rows: torch.Tensor) -> torch.Tensor:
+    """``steps(rows)`` on a buffer of the engine's own (never a caller's tensor): ReLUs overwrite their input rather
+    than fill a new tensor, which saves a write of every row's state (a replay's ReLUs took 1.2 s of 19 s)."""
+    for step in steps.children():
+        rows = rows.relu_() if isinstance(step, nn.ReLU) else step(rows)
+    return rows
