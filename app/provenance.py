@@ -12,7 +12,8 @@ PROVENANCE_KEYS = ("model", "description", "weights_sha256", "data_fingerprint",
 
 
 def stage_rows(records: dict[str, dict]) -> pd.DataFrame:
-    """One row per stage: its options (those that change its result), when it finished, how long it took."""
+    """One row per stage: its options (those that change its result), when it finished, how long it took, the process's
+    peak resident memory during it and the part of that the stage added."""
     rows = []
     for name, record in records.items():
         options = record.get("options") or {}
@@ -21,10 +22,14 @@ def stage_rows(records: dict[str, dict]) -> pd.DataFrame:
             "options": ", ".join(f"{key}={json.dumps(value)}" for key, value in options.items()) or "—",
             "finished": record.get("finished", ""),
             "seconds": record.get("seconds"),
+            "peak MiB": record.get("host_mib", record.get("device_mib")),
+            # what the stage itself added above the process's level when it began (records since start_mib)
+            "own MiB": (round(record["host_mib"] - record["start_mib"], 1)
+                        if "start_mib" in record and "host_mib" in record else None),
             "note": (f"skipped: {record['skipped']}" if record.get("skipped") else
                      f"time of one pass for {len(record['shared']) + 1} layers" if record.get("shared") else ""),
         })
-    return pd.DataFrame(rows, columns=["stage", "options", "finished", "seconds", "note"])
+    return pd.DataFrame(rows, columns=["stage", "options", "finished", "seconds", "peak MiB", "own MiB", "note"])
 
 
 def show(info) -> None:
@@ -37,7 +42,10 @@ def show(info) -> None:
         if records:
             # One line per stage: the sidebar is too narrow for a table of five columns.
             st.caption("**stages** (a rerun with other settings recomputes only the stages they change)")
-            for row in stage_rows(records).itertuples():
-                took = "" if row.seconds is None or row.seconds != row.seconds else f" · {row.seconds:.1f} s"
-                details = "; ".join(part for part in (row.options if row.options != "—" else "", row.note) if part)
-                st.caption(f"`{row.stage}`{took}" + (f" · {details}" if details else ""))
+            for row in stage_rows(records).to_dict("records"):
+                seconds, own = row["seconds"], row["own MiB"]
+                took = "" if seconds is None or seconds != seconds else f" · {seconds:.1f} s"
+                took += "" if own is None or own != own else f" · +{own:.0f} MiB"
+                details = "; ".join(part for part in (row["options"] if row["options"] != "—" else "", row["note"])
+                                    if part)
+                st.caption(f"`{row['stage']}`{took}" + (f" · {details}" if details else ""))

@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                         help="a few images and units, one timing: checks that it runs (its rates mean little)")
     parser.add_argument("--images", type=int, default=None, help="images per case (default 32 on cpu, 512 on cuda)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement, fastest kept")
-    parser.add_argument("--max-memory", type=float, default=1.0, help="GiB for one ablation chunk (default 1)")
+    parser.add_argument("--max-memory", type=float, default=1.0, help="GiB an engine call may hold (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run the cases whose name (as printed, e.g. 'demo (trained) conv3') contains one of these")

@@ -364,7 +364,9 @@ def run_steps(ctx, writer, steps, dist) -> None:
                 shared = {"shared": [other for other in names if other != name]} if len(names) > 1 else {}
                 writer.measured[name] = {"seconds": round(took, 2), **used, **shared}
             if dist.is_main:
-                print(f"{' + '.join(names)}: {took:.1f} s, peak {used.get('host_mib', 0):.0f} MiB", file=sys.stderr)
+                rise = used.get("host_mib", 0) - used.get("start_mib", used.get("host_mib", 0))
+                print(f"{' + '.join(names)}: {took:.1f} s, peak {used.get('host_mib', 0):.0f} MiB "
+                      f"({rise:+.0f} over its start)", file=sys.stderr)
         except StageSkipped as skipped:
             if dist.is_main:
                 print(f"skipped {step.name}: {skipped}", file=sys.stderr)

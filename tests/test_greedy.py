@@ -169,7 +169,8 @@ def test_stage_settings():
 def test_a_share_without_classes_has_empty_rows_of_the_right_shape():
     """Under torchrun with more ranks than classes some ranks get none; their share must still combine."""
     ctx = stage_context()
-    ctx.engine = lambda layer: None
+    ctx.engine = lambda layer, holding=0: None
+    ctx.max_memory = 1 << 30
     share = greedy_stage.class_share(ctx, "conv5", np.zeros(0, np.int64), steps=3, seeds=2)
     assert {name: value.shape for name, value in share.items()} == {
         "order": (0, 3), "heldout_order": (0, 3), "class_acc": (0, 4), "heldout_select_acc": (0, 4),

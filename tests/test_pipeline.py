@@ -186,3 +186,18 @@ def test_nothing_kept_beyond_a_quarter_of_the_memory_budget(tiny_run):
     ctx = _context(tiny_run, keep=frozenset({"conv5"}), max_memory=1 << 20)
     _passes(ctx, ["conv5"])
     assert ctx._kept == {}
+
+
+def test_an_engine_gets_what_is_left_of_the_budget(tiny_run):
+    """A stage's engine gets --max-memory less the activations kept (or to be kept by the first full pass) and what the
+    stage holds beside it, but never less than an eighth of it."""
+    budget = 64 << 20
+    ctx = _context(tiny_run, keep=frozenset({"conv5"}), max_memory=budget)
+    planned = len(ctx.images) * ctx.units("conv5") * 8 * 8 * 4  # the demo's conv5 maps are 8 x 8, float32
+    assert planned <= budget // 4
+    assert ctx.engine("conv5").max_memory == budget - planned
+    assert ctx.engine("conv5", holding=budget // 8).max_memory == budget - planned - budget // 8
+    _passes(ctx, ["conv5"])  # now kept: the same share
+    assert ctx.kept_bytes() == planned and ctx.engine("conv5").max_memory == budget - planned
+    assert ctx.engine("conv5", holding=budget).max_memory == budget // 8
+    assert _context(tiny_run, max_memory=budget).engine("conv5").max_memory == budget  # nothing kept

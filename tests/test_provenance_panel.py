@@ -22,6 +22,10 @@ def test_stage_rows_show_each_stage_with_its_options(tiny_run):
         assert table.loc[name, "note"] == f"time of one pass for {len(sweeps)} layers"
         assert records[name]["shared"] == [other for other in sweeps if other != name]
     assert table.loc[sweeps, "seconds"].nunique() == 1
+    # each stage's own memory is its peak less the level it began at
+    own = table["peak MiB"] - table["own MiB"]
+    assert (table["own MiB"] >= 0).all() and (own > 0).all()
+    assert all(abs(own[name] - records[name]["start_mib"]) < 0.2 for name in records)
 
 
 def test_an_old_store_record_is_a_finish_time():
@@ -30,4 +34,4 @@ def test_an_old_store_record_is_a_finish_time():
 
     rows = stage_rows({"setup": parse_record("2026-01-01T00:00:00")})
     assert rows.iloc[0].to_dict() == {"stage": "setup", "options": "—", "finished": "2026-01-01T00:00:00",
-                                      "seconds": None, "note": ""}
+                                      "seconds": None, "peak MiB": None, "own MiB": None, "note": ""}

@@ -42,7 +42,7 @@ class RunContext:
     def __post_init__(self):
         # Sliced pools give the stock pools' outputs, faster on the CPU (compute.lib.pooling); this model is not trained.
         self.sequence = with_sliced_pools(self.spec.to_sequence(self.model).to(self.device).eval())
-        self._units: dict[str, int] = {}
+        self._shapes: dict[str, tuple] = {}  # one image's activation shape per layer
         self._kept: dict[str, torch.Tensor] = {}
 
     @property
@@ -107,17 +107,39 @@ class RunContext:
             yield ({layer: self._kept[layer][chosen.to(self._kept[layer].device)] for layer in layers},
                    self.images.labels[chosen].to(self.device), chosen)
 
-    def engine(self, layer: str) -> AblationEngine:
-        return AblationEngine(tail_of(self.sequence, self.step(layer)), max_memory=self.max_memory)
+    def engine(self, layer: str, holding: int = 0) -> AblationEngine:
+        """The layer's ablation engine, with what is left of max_memory after the kept activations (those held and
+        those a full pass will keep) and the ``holding`` bytes its caller holds beside it: a stage's tensors together
+        stay within --max-memory. At least an eighth of it, so that a tight budget slows a stage rather than
+        stopping it."""
+        budget = max(self.max_memory - self.kept_bytes(planned=True) - holding, self.max_memory // 8)
+        return AblationEngine(tail_of(self.sequence, self.step(layer)), max_memory=budget)
 
-    @torch.no_grad()
+    def kept_bytes(self, planned: bool = False) -> int:
+        """Bytes of the kept activations; with ``planned``, also those of the layers a full pass will keep."""
+        held = sum(tensor.numel() * tensor.element_size() for tensor in self._kept.values())
+        if planned:
+            for layer in sorted(self.keep - set(self._kept)):
+                size = len(self.images) * self._image_bytes(layer)
+                held += size if held + size <= self.max_memory // 4 else 0
+        return held
+
     def units(self, layer: str) -> int:
         """Channels of the layer's output (a layer need not have a conv of its own: a DenseNet block, a ReLU)."""
-        if layer not in self._units:
+        return int(self._shape(layer)[0])
+
+    def _image_bytes(self, layer: str) -> int:
+        """Bytes of one image's activations of the layer (float32)."""
+        return int(np.prod(self._shape(layer))) * 4
+
+    @torch.no_grad()
+    def _shape(self, layer: str) -> tuple:
+        """One image's activation shape at the layer, from one image run once."""
+        if layer not in self._shapes:
             images, _, _ = next(self.images.batches(1, self.device))
             step = self.step(layer)
-            self._units[layer] = int(run_to(self.sequence, images, [step])[step].shape[1])
-        return self._units[layer]
+            self._shapes[layer] = tuple(run_to(self.sequence, images, [step])[step].shape[1:])
+        return self._shapes[layer]
 
     def run_sharded(self, stage: str, items: int, compute, combine, everywhere: bool = False):
         """Split ``items`` over the ranks; return ``combine([(indices, arrays), ...])`` on rank 0, None elsewhere.

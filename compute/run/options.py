@@ -24,8 +24,9 @@ class RunOptions:
     # A GPU gets batches big enough to keep it busy; on a CPU 64 keeps the working set in the caches.
     batch_size: int | None = option(None, "images per batch (default: 128 on a GPU, 64 on the CPU)",
                                     lambda v: v >= 1, "a batch size of at least 1", keyed=False, type=int)
-    # 1 GiB of ablated activations per chunk fits beside the model on any 8 GB GPU and on a laptop.
-    max_memory: float = option(1.0, "GiB for one ablation chunk (default 1)", lambda v: 0 < v < math.inf,
+    # 1 GiB of working memory beside the model and the data fits on any 8 GB GPU and on a laptop.
+    max_memory: float = option(1.0, "GiB of working memory for a stage: kept activations, batches, ablation chunks "
+                                    "(default 1)", lambda v: 0 < v < math.inf,
                                "a positive number of GiB", keyed=False, type=float)
 
 

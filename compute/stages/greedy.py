@@ -54,8 +54,12 @@ def class_curves(engine, acts, labels, class_index: int, steps: int, seeds: int,
     }
 
 
+# The overall pass's batches of activations: an eighth of --max-memory (fewer engine calls), held beside the engine.
+_LARGE_BATCH_SHARE = 8
+
+
 def _large_batches(ctx, layer: str, desc: str):
-    """The layer's activations of all images in batches of up to ctx.max_memory / 8 bytes (fewer engine calls), with
+    """The layer's activations of all images in batches of about ctx.max_memory / _LARGE_BATCH_SHARE bytes, with
     their labels and image indices."""
     acts, labels, indices, size = [], [], [], 0
     for batch, batch_labels, batch_indices in ctx.activations([layer], desc=desc):
@@ -63,7 +67,7 @@ def _large_batches(ctx, layer: str, desc: str):
         labels.append(batch_labels)
         indices.append(torch.as_tensor(batch_indices))
         size += batch[layer].numel() * batch[layer].element_size()
-        if size >= ctx.max_memory // 8:
+        if size >= ctx.max_memory // _LARGE_BATCH_SHARE:
             yield torch.cat(acts), torch.cat(labels), torch.cat(indices)
             acts, labels, indices, size = [], [], [], 0
     if acts:
@@ -103,7 +107,7 @@ def class_share(ctx, layer: str, classes: np.ndarray, steps: int, seeds: int, fl
     ``flips``, also the step flip table of these classes (``flip_<field>``, class rows local to ``classes``)."""
     from tqdm import tqdm
 
-    engine = ctx.engine(layer)
+    engine = ctx.engine(layer, holding=ctx.max_memory // _LARGE_BATCH_SHARE)
     per_class = []
     for class_index in tqdm(classes, desc=f"greedy {layer}", unit="class", leave=False):
         acts, labels = _gather(ctx, layer, np.flatnonzero(ctx.labels == class_index))
