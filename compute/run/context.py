@@ -93,8 +93,7 @@ class RunContext:
             batch = acts[layer]
             if keeping[layer] is None:
                 size = len(self.images) * batch[0].numel() * batch.element_size()
-                held = sum(tensor.numel() * tensor.element_size() for tensor in self._kept.values())
-                if held + size > self.max_memory // 4:
+                if not self._fits_kept(self.kept_bytes(), size):
                     continue
                 keeping[layer] = batch.new_empty((len(self.images), *batch.shape[1:]))
             keeping[layer][idx.to(batch.device)] = batch
@@ -121,8 +120,12 @@ class RunContext:
         if planned:
             for layer in sorted(self.keep - set(self._kept)):
                 size = len(self.images) * self._image_bytes(layer)
-                held += size if held + size <= self.max_memory // 4 else 0
+                held += size if self._fits_kept(held, size) else 0
         return held
+
+    def _fits_kept(self, held: int, size: int) -> bool:
+        """Whether a layer's ``size`` bytes of activations may be kept beside ``held``: a quarter of max_memory."""
+        return held + size <= self.max_memory // 4
 
     def units(self, layer: str) -> int:
         """Channels of the layer's output (a layer need not have a conv of its own: a DenseNet block, a ReLU)."""
