@@ -80,6 +80,8 @@ _PIECE_BYTES = 4 << 20
 # Rows decided in reduced precision at once: demo conv3 rows, 4,096 at once 490 ms, in pieces of 512 291 ms (the
 # elementwise passes of a whole chunk ran from memory).
 _REDUCED_PIECE = 512
+# Automatic reduced precision stops after a piece that proved fewer of its rows than this (``_proves_enough``).
+_LEAST_PROVEN_SHARE = 0.5
 # Bytes a call holds per (ablation, image) pair beside its chunks: predictions (int64), probabilities (float32), the
 # changed and settled masks, the float product that finds the changed pairs, the changed pair's (s, b) row (int64),
 # and the three float64 costs per row that size the chunks.
@@ -479,14 +481,17 @@ class AblationEngine:
         step = self._certificate(key, first, lambda: ReducedStep.of(after, first[:1]))
         if step is None:
             return None
-        if self.reduced_precision is None:
-            # Automatic: where it is faster here, and not where the last call proved fewer than half its rows
-            # (random weights: their margins are small; then every row would pay twice).
-            share = self._reduced_shares.get(key)
-            if not step.faster(first[:1]) or (share is not None and share < 0.5):
+        if self.reduced_precision is None:  # automatic: where it is faster here and the last call proved enough
+            if not step.faster(first[:1]) or not self._proves_enough(self._reduced_shares.get(key)):
                 return None
         decide = step.bind(first, self.margin_tol)
         return lambda *args: self._count_reduced(key, *decide(*args))
+
+    def _proves_enough(self, share: float | None) -> bool:
+        """Automatic mode's rule, within a call and between calls: reduced precision goes on while the latest piece
+        of rows proved at least ``_LEAST_PROVEN_SHARE`` of them (random weights' small margins prove few; then every
+        row would pay twice). Forced on, it always goes on."""
+        return self.reduced_precision is not None or share is None or share >= _LEAST_PROVEN_SHARE
 
     def _count_reduced(self, key: str, pred: torch.Tensor, proven: torch.Tensor) -> tuple:
         """Keep the share of rows the reduced step proved (the latest piece's) for ``_reduced``'s choice."""
@@ -559,7 +564,7 @@ class AblationEngine:
             self.rows_reduced += int(proven.sum())
             kept.append(at + torch.nonzero(~proven).flatten())
             at += len(rows)
-            if self.reduced_precision is None and float(proven.float().mean()) < 0.5:
+            if not self._proves_enough(float(proven.float().mean())):
                 break
         kept = torch.cat([*kept, torch.arange(at, len(part), device=part.device)])
         return part[kept], state[kept]
