@@ -91,8 +91,8 @@ def test_ties_are_never_decided_in_bfloat16():
     def spying_bind(self, first, margin_tol):
         decide = original(self, first, margin_tol)
 
-        def spy(images, state, sizes=None):
-            pred, proven = decide(images, state, sizes)
+        def spy(images, state, sizes=None, change=None):
+            pred, proven = decide(images, state, sizes, change)
             seen.append((pred, proven))
             return pred, proven
         return spy
@@ -149,9 +149,9 @@ def test_automatic_mode_stops_within_a_call(monkeypatch):
     def proving_nothing(self, first, margin_tol):
         decide = original(self, first, margin_tol)
 
-        def none_proven(images, state, sizes=None):
+        def none_proven(images, state, sizes=None, change=None):
             calls.append(len(images))
-            pred, proven = decide(images, state, sizes)
+            pred, proven = decide(images, state, sizes, change)
             return pred, torch.zeros_like(proven)
         return none_proven
 

@@ -126,16 +126,19 @@ class Certificate:
         return change * (1 + CHANGE_SAFETY) < radius.to(change.device)[None, :]
 
     def rows(self, first: torch.Tensor, radius: torch.Tensor):
-        """``certified(rows, state) -> (certified, change)`` for the engine's rows, from the baseline's first
+        """``certified(rows, state) -> (certified, size, change)`` for the engine's rows, from the baseline's first
         activation ``first`` [B, ...] (``lead``'s output) and each image's ``radius`` [B]: rows whose first activation
-        ``state`` moved less than their image's radius, and how far each moved (||state - first||, float64). None
-        when no image has a radius (no row could be certified: the checks would only cost)."""
+        ``state`` moved less than their image's radius, how far each moved (||state - first||, float64), and the
+        change itself (``state - first``, float32: a reduced step starts from it). None when no image has a radius
+        (no row could be certified: the checks would only cost)."""
         if not bool((radius > 0).any()):
             return None
 
-        def certified(rows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            change = (state - first[rows[:, 1]]).flatten(1).norm(dim=1).double()
-            return change * (1 + CHANGE_SAFETY) < radius[rows[:, 1]], change
+        def certified(rows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            change = first.index_select(0, rows[:, 1])
+            torch.sub(state, change, out=change)
+            size = change.flatten(1).norm(dim=1).double()
+            return size * (1 + CHANGE_SAFETY) < radius[rows[:, 1]], size, change
 
         return certified
 

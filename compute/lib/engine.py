@@ -77,8 +77,8 @@ _LINEAR_POOL = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout, nn.
 # Certified rows are entered and checked in pieces of about this many bytes of state: small enough to stay in cache
 # over the several elementwise passes a check makes (on whole 1 GiB chunks they made the check cost more than it saved).
 _PIECE_BYTES = 4 << 20
-# Rows decided in reduced precision at once: demo conv3 rows, 4,096 at once 490 ms, in pieces of 512 291 ms (the
-# elementwise passes of a whole chunk ran from memory).
+# Rows entered, checked and decided in reduced precision at once: demo conv3 rows, 4,096 at once 490 ms, in pieces of
+# 512 291 ms (the elementwise passes of a whole chunk ran from memory).
 _REDUCED_PIECE = 512
 # Automatic reduced precision stops after a piece that proved fewer of its rows than this (``_proves_enough``).
 _LEAST_PROVEN_SHARE = 0.5
@@ -536,10 +536,7 @@ class AblationEngine:
         self.rows_reduced = 0
         held = changed.numel() * _PAIR_BYTES + rows_of.held
         for chunk in self._chunks(rows, rows_of, max(self.max_memory - held, self.max_memory // _LEAST_CHUNK_SHARE)):
-            part, state, sizes = self._enter(chunk, rows_of)
-            self.rows_certified += len(chunk) - len(part)
-            if len(part) and rows_of.reduced is not None:
-                part, state = self._reduce(part, state, sizes, rows_of.reduced, pred)
+            part, state = self._enter(chunk, rows_of, pred)
             if not len(part):
                 continue
             outcome = self._decide(rows_of.finish(state), labels[part[:, 1]],
@@ -550,39 +547,46 @@ class AblationEngine:
         self.rows_computed = len(rows) - (self.rows_certified - settled)
         return Outcome(pred, prob)
 
-    def _reduce(self, part: torch.Tensor, state: torch.Tensor, sizes, reduced, pred: torch.Tensor) -> tuple:
-        """Rows decided in reduced precision (``_Rows.reduced``; ``sizes``: their changes' norms, or None) written
-        into ``pred``; the others and their states returned. In pieces of ``_REDUCED_PIECE`` rows, so that the pieces'
-        float32 and bfloat16 copies stay in cache. Automatic mode stops after a piece that proved fewer than half its
-        rows (``_reduced``'s rule), leaving the rest to float32."""
-        kept, at = [], 0
-        while at < len(part):
-            rows = part[at:at + _REDUCED_PIECE]
-            fast, proven = reduced(rows[:, 1], state[at:at + _REDUCED_PIECE],
-                                   None if sizes is None else sizes[at:at + _REDUCED_PIECE])
-            pred[rows[proven, 0], rows[proven, 1]] = fast[proven]
-            self.rows_reduced += int(proven.sum())
-            kept.append(at + torch.nonzero(~proven).flatten())
-            at += len(rows)
-            if not self._proves_enough(float(proven.float().mean())):
-                break
-        kept = torch.cat([*kept, torch.arange(at, len(part), device=part.device)])
-        return part[kept], state[kept]
+    def _enter(self, chunk: torch.Tensor, rows_of: _Rows, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``chunk`` left to finish in float32, and their states.
 
-    @staticmethod
-    def _enter(chunk: torch.Tensor, rows_of: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The rows of ``chunk`` left to compute, their states and how far each state moved (None where no check
-        measured it): all of them, or those not certified, entered and checked piece by piece (``_PIECE_BYTES``)."""
-        if rows_of.certified is None:
-            return chunk, rows_of.enter(chunk), None
-        kept, states, sizes = [], [], []
-        for piece in chunk.split(max(1, _PIECE_BYTES // rows_of.state_bytes)):
+        Where rows can be certified or reduced, piece by piece: a piece is entered, checked (rows proven unchanged
+        are dropped, ``rows_certified``), then decided in bfloat16 from the check's own change where a reduced step
+        exists (``_Rows.reduced``; proven rows written into ``pred``, ``rows_reduced``). A piece's tensors are used
+        while in cache, and only the rows left are copied out. Automatic mode stops reducing after a piece that
+        proved too few (``_proves_enough``), leaving the rest to float32.
+        """
+        reducing = rows_of.reduced is not None
+        if rows_of.certified is None and not reducing:
+            return chunk, rows_of.enter(chunk)
+        rows_per_piece = _REDUCED_PIECE if reducing else max(1, _PIECE_BYTES // rows_of.state_bytes)
+        kept, states = [], []
+        for piece in chunk.split(rows_per_piece):
             state = rows_of.enter(piece)
-            certified, size = rows_of.certified(piece, state)
-            kept.append(piece[~certified])
-            states.append(state[~certified])
-            sizes.append(size[~certified])
-        return torch.cat(kept), torch.cat(states), torch.cat(sizes)
+            left, sizes, change = None, None, None
+            if rows_of.certified is not None:
+                certified, sizes, change = rows_of.certified(piece, state)
+                self.rows_certified += int(certified.sum())
+                left = torch.nonzero(~certified).flatten()
+                sizes = sizes[left]
+            if reducing and (left is None or len(left)):
+                if change is not None:  # rounded before it is gathered: half the bytes to copy
+                    change = change.to(torch.bfloat16)[left]
+                fast, proven = rows_of.reduced(piece[:, 1] if left is None else piece[left, 1],
+                                               state if left is None else None, sizes, change)
+                done = piece if left is None else piece[left]
+                pred[done[proven, 0], done[proven, 1]] = fast[proven]
+                self.rows_reduced += int(proven.sum())
+                unproven = torch.nonzero(~proven).flatten()
+                left = unproven if left is None else left[unproven]
+                reducing = self._proves_enough(float(proven.float().mean()))
+            if left is None:
+                kept.append(piece)
+                states.append(state)
+            else:
+                kept.append(piece[left])
+                states.append(state[left])
+        return torch.cat(kept), torch.cat(states)
 
     @staticmethod
     def _chunks(rows: torch.Tensor, rows_of: _Rows, budget: int) -> tuple:

@@ -90,21 +90,24 @@ class ReducedStep:
         return cls(flatten, step, post, certificate, _coefficient(step, state))
 
     def bind(self, first: torch.Tensor, margin_tol: float):
-        """``decide(images, state, sizes=None) -> (pred, proven)`` for rows of these images (indices into
-        ``first``, the baseline's state per image [B, ...]): the prediction of each row and whether the bound proves
-        it. ``sizes`` [R]: the rows' ||state - first|| where a certificate's check has computed them."""
+        """``decide(images, state, sizes=None, change=None) -> (pred, proven)`` for rows of these images (indices
+        into ``first``, the baseline's state per image [B, ...]): the prediction of each row and whether the bound
+        proves it. ``sizes`` [R]: the rows' ||state - first|| where a certificate's check has computed them; with
+        ``change``, that check's ``state - first`` already rounded to bfloat16 (``state`` is then not read)."""
         first = first.flatten(1) if self.flatten else first
         base = self.step(first)
 
-        def decide(images: torch.Tensor, state: torch.Tensor, sizes: torch.Tensor | None = None):
-            state = state.flatten(1) if self.flatten else state
-            baseline = first.index_select(0, images)
-            if sizes is None:
-                change = state - baseline
+        def decide(images: torch.Tensor, state: torch.Tensor | None, sizes: torch.Tensor | None = None,
+                   change: torch.Tensor | None = None):
+            if change is not None:  # the same float32 difference, rounded once to bfloat16, as below
+                change = change.flatten(1) if self.flatten else change
+            elif sizes is None:
+                change = (state.flatten(1) if self.flatten else state) - first.index_select(0, images)
                 sizes, change = change.flatten(1).norm(dim=1).double(), change.to(torch.bfloat16)
             else:  # ||d|| known (a certificate's check): d~ in one pass, rounded to bfloat16 as it is written
+                state = state.flatten(1) if self.flatten else state
                 change = torch.empty(state.shape, dtype=torch.bfloat16, device=state.device)
-                torch.sub(state, baseline, out=change)
+                torch.sub(state, first.index_select(0, images), out=change)
             product = self._product(change)
             logits = run_in_place(self.post, base.index_select(0, images).add_(product))
             pred = logits.argmax(1)
