@@ -223,17 +223,18 @@ def _slug(name: str) -> str:
 
 
 def chart_downloads(chart, name: str, frame: pd.DataFrame | None = None) -> None:
-    """PNG, SVG (and the chart's numbers as CSV) download buttons in one row; images are rendered only when clicked."""
+    """PNG, SVG (and the chart's numbers as CSV) download buttons in one row; images are rendered only when clicked,
+    and a click does not rerun the page (nothing on it changes)."""
     name = _slug(name)
     row = st.container(horizontal=True, gap="small")
     for fmt in ("png", "svg"):
         row.download_button(fmt.upper(), lambda fmt=fmt: render_chart(chart, fmt), file_name=f"{name}.{fmt}",
                             mime="image/png" if fmt == "png" else "image/svg+xml", key=f"download-{name}-{fmt}",
-                            icon=":material/download:", type="tertiary", width="content")
+                            icon=":material/download:", type="tertiary", width="content", on_click="ignore")
     if frame is not None:
         row.download_button("CSV", lambda: frame.to_csv(index=False).encode(), file_name=f"{name}.csv",
                             mime="text/csv", key=f"download-{name}-csv", icon=":material/download:",
-                            type="tertiary", width="content")
+                            type="tertiary", width="content", on_click="ignore")
 
 
 def table(frame: pd.DataFrame, name: str, **options) -> None:
@@ -242,7 +243,7 @@ def table(frame: pd.DataFrame, name: str, **options) -> None:
     keep_index = not options.get("hide_index", False)
     st.download_button("CSV", lambda: frame.to_csv(index=keep_index).encode(), file_name=f"{_slug(name)}.csv",
                        mime="text/csv", key=f"download-{_slug(name)}-table", icon=":material/download:",
-                       type="tertiary")
+                       type="tertiary", on_click="ignore")
 
 
 def split() -> bool:

@@ -244,8 +244,10 @@ def test_overview(browser, app):
         expect(main(page).get_by_test_id("stMetricValue").first).to_have_text(str(sizes[first]))
         assert query(page)["layer"] == first
         wait_charts(page)
+        runs = page.evaluate("window.__stRuns")
         svg = download(page, "SVG").decode()
         assert svg.lstrip().startswith(("<svg", "<?xml")) and "</svg>" in svg
+        assert page.evaluate("window.__stRuns") == runs  # a download does not rerun the page
         rows = download(page, "CSV").decode().strip().splitlines()
         assert "unit" in rows[0] and len(rows) > sizes[first], rows[:2]
 
