@@ -18,17 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import json, sys
-from pathlib import Path
 import torch
 from compute.lib.engine import AblationEngine
 from compute.lib.greedy import prefix_masks, random_orders
 from compute.models.demo import build_demo
 from compute.lib.sequence import run_to, tail_of
-
-def status(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+from compute.run import peak
 
 torch.manual_seed(0)
 model = build_demo().eval()
@@ -44,10 +39,10 @@ with torch.no_grad():
     for budget in map(int, sys.argv[1:]):
         engine = AblationEngine(tail_of(model, "relu5"), max_memory=budget)
         engine.evaluate_units(acts[:8], labels[:8], masks[:2])  # what the engine keeps between calls (its weights)
-        Path("/proc/self/clear_refs").write_text("5")
-        start = status("VmRSS")
+        peak.reset(torch.device("cpu"))
         pred = engine.evaluate_units(acts, labels, masks).pred
-        results[budget] = {"rise": status("VmHWM") - start, "pred": pred.sum().item()}
+        used = peak.read(torch.device("cpu"))
+        results[budget] = {"rise": (used["host_mib"] - used["start_mib"]) * 2**20, "pred": pred.sum().item()}
 print(json.dumps(results))
 """
 

@@ -99,15 +99,13 @@ class ReducedStep:
 
         def decide(images: torch.Tensor, state: torch.Tensor | None, sizes: torch.Tensor | None = None,
                    change: torch.Tensor | None = None):
-            if change is not None:  # the same float32 difference, rounded once to bfloat16, as below
-                change = change.flatten(1) if self.flatten else change
-            elif sizes is None:
+            if change is None:  # the float32 difference, rounded once to bfloat16, as a check's change is
                 change = (state.flatten(1) if self.flatten else state) - first.index_select(0, images)
-                sizes, change = change.flatten(1).norm(dim=1).double(), change.to(torch.bfloat16)
-            else:  # ||d|| known (a certificate's check): d~ in one pass, rounded to bfloat16 as it is written
-                state = state.flatten(1) if self.flatten else state
-                change = torch.empty(state.shape, dtype=torch.bfloat16, device=state.device)
-                torch.sub(state, first.index_select(0, images), out=change)
+                if sizes is None:
+                    sizes = change.flatten(1).norm(dim=1).double()
+                change = change.to(torch.bfloat16)
+            else:
+                change = change.flatten(1) if self.flatten else change
             product = self._product(change)
             logits = run_in_place(self.post, base.index_select(0, images).add_(product))
             pred = logits.argmax(1)
