@@ -1,11 +1,14 @@
 """compute.lib.pooling: the sliced max pool equals torch's kernel, and is swapped in only where it applies."""
 
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compute.lib.pooling import SlicedMaxPool2d, sliced_max_pool2d, with_sliced_pools
+from compute.lib.pooling import (SlicedMaxPool2d, _sliceable, sliced_max_pool2d, with_pools_before_relus,
+                                 with_sliced_pools)
 from compute.models import zoo
 from compute.models.demo import build_demo
 
@@ -70,3 +73,30 @@ def test_swaps_every_pool_and_keeps_the_outputs():
     want = resnet(x)
     with_sliced_pools(resnet)
     assert type(resnet.maxpool) is SlicedMaxPool2d and torch.equal(resnet(x), want)
+
+
+def test_channels_last_batches_take_the_stock_kernel():
+    """On a channels-last batch torch's own kernel is the fast one: the pool hands it over, with the same values."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 9, 9).contiguous(memory_format=torch.channels_last)
+    pool = SlicedMaxPool2d(3, 2, padding=1)
+    assert not _sliceable(pool, x) and _sliceable(pool, x.contiguous())
+    assert torch.equal(pool(x), F.max_pool2d(x.contiguous(), 3, 2, 1))
+
+
+def test_pools_move_before_the_relus_they_follow():
+    """ReLU -> max pool becomes max pool -> ReLU, with the same outputs to the bit, a hand-made window included; an
+    average pool (which a ReLU does not commute with) keeps its place, and the sequence given is not changed."""
+    window = torch.tensor([[[[-3.0, -1.0], [-2.0, -5.0]]]])  # all negative: 0 either way
+    swapped = with_pools_before_relus(nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)))
+    assert [type(m) for m in swapped] == [nn.MaxPool2d, nn.ReLU]
+    assert torch.equal(swapped(window), torch.zeros(1, 1, 1, 1))
+
+    steps = nn.Sequential(OrderedDict([("relu4", nn.ReLU()), ("pool4", nn.AvgPool2d(2)), ("conv", nn.Conv2d(3, 3, 1)),
+                                       ("relu5", nn.ReLU(inplace=True)), ("pool5", nn.MaxPool2d(3, 2, 1))]))
+    moved = with_pools_before_relus(steps)
+    assert [name for name, _ in moved.named_children()] == ["relu4", "pool4", "conv", "pool5", "relu5"]
+    assert [name for name, _ in steps.named_children()] == ["relu4", "pool4", "conv", "relu5", "pool5"]
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 12, 12)
+    assert torch.equal(moved(x.clone()), steps(x.clone()))

@@ -135,9 +135,9 @@ class Certificate:
             return None
 
         def certified(rows: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            change = first.index_select(0, rows[:, 1])
+            change = first[rows[:, 1]]  # in first's memory format, as the state's
             torch.sub(state, change, out=change)
-            size = change.flatten(1).norm(dim=1).double()
+            size = torch.linalg.vector_norm(change, dim=tuple(range(1, change.dim()))).double()
             return size * (1 + CHANGE_SAFETY) < radius[rows[:, 1]], size, change
 
         return certified

@@ -67,7 +67,7 @@ from torch import nn
 
 from compute.lib import ties
 from compute.lib.certificates import CHANGE_SAFETY, Certificate, channel_norms, lipschitz_bound, plain_conv
-from compute.lib.pooling import with_sliced_pools
+from compute.lib.pooling import with_pools_before_relus, with_sliced_pools
 from compute.lib.sequence import run_in_place
 from compute.lib.reduced import ReducedStep
 
@@ -77,9 +77,10 @@ _LINEAR_POOL = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout, nn.
 # Certified rows are entered and checked in pieces of about this many bytes of state: small enough to stay in cache
 # over the several elementwise passes a check makes (on whole 1 GiB chunks they made the check cost more than it saved).
 _PIECE_BYTES = 4 << 20
-# Rows entered, checked and decided in reduced precision at once: demo conv3 rows, 4,096 at once 490 ms, in pieces of
-# 512 291 ms (the elementwise passes of a whole chunk ran from memory).
-_REDUCED_PIECE = 512
+# Rows entered, checked and decided in reduced precision at once, small enough for their elementwise passes to run
+# from cache: demo conv3 rows on a 2-core EPYC, 4,096 at once 490 ms, in pieces of 512 291 ms; a whole sweep of 256
+# images (channels-last rows) on a Sapphire Rapids Xeon, pieces of 512 / 256 / 128 / 64: 2.18 / 2.02 / 1.93 / 2.02 s.
+_REDUCED_PIECE = 128
 # Automatic reduced precision stops after a piece that proved fewer of its rows than this (``_proves_enough``).
 _LEAST_PROVEN_SHARE = 0.5
 # Bytes a call holds per (ablation, image) pair beside its chunks: predictions (int64), probabilities (float32), the
@@ -137,8 +138,9 @@ class AblationEngine:
 
     def __init__(self, tail: nn.Sequential, max_memory: int = 1 << 30, margin_tol: float = 1e-3,
                  use_shortcuts: bool = True, reduced_precision: bool | None = None):
-        # In place (the pools are the caller's modules): same outputs, faster on the CPU (compute.lib.pooling).
-        self.tail = with_sliced_pools(tail).eval()
+        # In place (the pools are the caller's modules), then reordered in a copy of the sequence: same outputs,
+        # faster on the CPU (compute.lib.pooling).
+        self.tail = with_pools_before_relus(with_sliced_pools(tail)).eval()
         self.max_memory = int(max_memory)
         self.margin_tol = float(margin_tol)
         self.device = next((p.device for p in tail.parameters()), torch.device("cpu"))
@@ -291,6 +293,10 @@ class AblationEngine:
         running sums of single-channel ones (``_ChainUpdates``).
         """
         full = self._entry_output(self.entry, pooled)  # [B, O, ...]
+        if not self.has_shortcut:
+            # channels last: oneDNN's convolutions after the entry read it as they are (the demo's conv5 in bfloat16
+            # on 512 rows: 12.8 ms from NCHW, 6.0 ms from NHWC), and torch's max pool is fast on it
+            full = full.contiguous(memory_format=torch.channels_last)
         one_each = all(isinstance(chosen, slice) for chosen in selections)  # one channel per ablation
         single = one_each and self.has_shortcut
         chained = None
@@ -643,16 +649,17 @@ def _updated_single(rows, full, source, weight, starts) -> torch.Tensor:
 
 def _updated_single_conv(rows, full, source, taps, starts, conv: nn.Conv2d) -> torch.Tensor:
     """``L(x) - L_m(x_m)`` per row when every ablation removes one channel and ``L`` is a convolution: each row's
-    channel map unfolded into its kernel-sized patches [R, kh * kw, positions], times that channel's taps [R, O,
-    kh * kw], subtracted in place from the row's copy of ``L(x)``, one batched product per ablation. On the demo's
-    conv3 and conv4 rows this replaced a convolution of one input channel per ablation."""
-    patches = _patches(source[rows[:, 1], starts[rows[:, 0]]], conv)  # [R, kh * kw, positions]
-    entered = full.index_select(0, rows[:, 1])  # [R, O, H', W']
-    flat = entered.view(len(rows), entered.shape[1], -1)
+    channel map unfolded into its kernel-sized patches [R, positions, kh * kw], times that channel's taps [kh * kw, O],
+    subtracted in place from the row's copy of ``L(x)`` (channels last, as ``full`` is), one batched product per
+    ablation. On the demo's conv3 and conv4 rows this replaced a convolution of one input channel per ablation."""
+    patches = _patches(source[rows[:, 1], starts[rows[:, 0]]], conv).transpose(1, 2)  # [R, positions, kh * kw]
+    full = full.contiguous(memory_format=torch.channels_last)  # as _entry_rows made it: no copy then
+    entered = full[rows[:, 1]]  # [R, O, H', W'] in full's memory format (index_select would make it NCHW)
+    flat = entered.permute(0, 2, 3, 1).flatten(1, 2)  # [R, positions, O], a view of the channels-last rows
     ablations, counts = torch.unique_consecutive(rows[:, 0], return_counts=True)
     at = 0
     for s, n in zip(ablations.tolist(), counts.tolist()):  # one weight per ablation: a product the BLAS batches well
-        flat[at:at + n].baddbmm_(taps[int(starts[s])].expand(n, -1, -1), patches[at:at + n], alpha=-1)
+        flat[at:at + n].baddbmm_(patches[at:at + n], taps[int(starts[s])].T.expand(n, -1, -1), alpha=-1)
         at += n
     return entered
 

@@ -67,6 +67,8 @@ class ReducedStep:
         self.flatten, self.step, self.post = flatten, step, post
         self.certificate, self.coefficient = certificate, coefficient
         self.weight = step.weight.detach().to(torch.bfloat16)
+        if self.weight.dim() == 4:  # oneDNN's fast bfloat16 kernels read channels-last operands as they are
+            self.weight = self.weight.contiguous(memory_format=torch.channels_last)
 
     @classmethod
     def of(cls, after: nn.Sequential, example: torch.Tensor) -> ReducedStep | None:
@@ -107,7 +109,7 @@ class ReducedStep:
             else:
                 change = change.flatten(1) if self.flatten else change
             product = self._product(change)
-            logits = run_in_place(self.post, base.index_select(0, images).add_(product))
+            logits = run_in_place(self.post, base[images].add_(product))
             pred = logits.argmax(1)
             radius = self.certificate.radius(logits, pred, margin_tol)
             return pred, (self.coefficient * sizes + _DENORMALS) * (1 + CHANGE_SAFETY) < radius
