@@ -112,8 +112,8 @@ def test_ties_are_never_decided_in_bfloat16():
 
 
 def test_automatic_choice(monkeypatch):
-    """Automatic mode: not where bfloat16 is not faster, nor after a call proved fewer than half its rows; a step
-    with little work per row (the demo's fc7, 65 k multiply-adds) is never timed faster."""
+    """Automatic mode: not where bfloat16 is not faster; a step with little work per row (the demo's fc7, 65 k
+    multiply-adds) is never timed faster."""
     model, images = trained_like()
     acts = run_to(model, images, ["relu3"])["relu3"]
     labels = tail_of(model, "relu3")(acts).argmax(1)
@@ -125,39 +125,64 @@ def test_automatic_choice(monkeypatch):
     monkeypatch.setattr(ReducedStep, "faster", lambda self, example: True)
     engine.evaluate_units(acts, labels, masks, probabilities=False)
     assert engine.rows_reduced > 0
-    engine._reduced_shares = {key: 0.3 for key in engine._reduced_shares}
-    engine.evaluate_units(acts, labels, masks, probabilities=False)
-    assert engine.rows_reduced == 0
     monkeypatch.undo()
     fc7 = nn.Sequential(*list(tail_of(model, "relu5").children())[-4:])  # drop7, fc7, relu7, fc8
     assert isinstance(fc7[1], nn.Linear) and not ReducedStep.of(fc7, torch.rand(1, 256)).faster(torch.rand(1, 256))
 
 
-def test_automatic_mode_stops_within_a_call(monkeypatch):
-    """Automatic mode: a piece that proves fewer than half its rows ends reduced precision for the rest of the call
-    (random weights' margins are small); the rows left run in float32 and every prediction is the definition's."""
+def test_automatic_mode_pauses_and_probes(monkeypatch):
+    """Automatic mode: after a piece that proves fewer than half its rows, reduced precision pauses, and every
+    ``_PROBE_EVERY``-th piece tries it again, across calls; a probe that proves enough ends the pause. The rows left
+    run in float32, and every prediction is the definition's."""
     from compute.lib import engine as engine_module
 
     model, images = trained_like()
     acts = run_to(model, images, ["relu3"])["relu3"]
     labels = tail_of(model, "relu3")(acts).argmax(1)
     monkeypatch.setattr(ReducedStep, "faster", lambda self, example: True)
-    monkeypatch.setattr(engine_module, "_REDUCED_PIECE", 100)
-    calls = []
+    monkeypatch.setattr(engine_module, "_REDUCED_PIECE", 20)
+    proving = {"on": False}
     original = ReducedStep.bind
 
-    def proving_nothing(self, first, margin_tol):
+    def proving_when_asked(self, first, margin_tol):
         decide = original(self, first, margin_tol)
 
-        def none_proven(images, state, sizes=None, change=None):
-            calls.append(len(images))
+        def maybe_none_proven(images, state, sizes=None, change=None):
             pred, proven = decide(images, state, sizes, change)
-            return pred, torch.zeros_like(proven)
-        return none_proven
+            return pred, (proven if proving["on"] else torch.zeros_like(proven))
+        return maybe_none_proven
 
-    monkeypatch.setattr(ReducedStep, "bind", proving_nothing)
+    monkeypatch.setattr(ReducedStep, "bind", proving_when_asked)
     engine = AblationEngine(tail_of(model, "relu3"))
-    outcome = engine.evaluate_units(acts, labels, single_unit_masks(acts.shape[1]), probabilities=False)
-    assert calls == [100] and engine.rows_computed > 300
+    paces, events = [], []  # each piece's pace; and each pace and each share proved, in order
+    pace, count = engine._reduce_next, engine._count_reduced
+
+    def paced(key):
+        paces.append(pace(key))
+        events.append(("pace", paces[-1]))
+        return paces[-1]
+
+    def counted(key, pred, proven):
+        events.append(("share", float(proven.float().mean())))
+        return count(key, pred, proven)
+
+    monkeypatch.setattr(engine, "_reduce_next", paced)
+    monkeypatch.setattr(engine, "_count_reduced", counted)
+    masks = single_unit_masks(acts.shape[1])
+    outcome = engine.evaluate_units(acts, labels, masks, probabilities=False)
+    assert len(paces) > 2 * engine_module._PROBE_EVERY and engine.rows_reduced == 0
+    assert paces == [at % engine_module._PROBE_EVERY == 0 for at in range(len(paces))]  # the first piece, then probes
+    for unit in range(acts.shape[1]):
+        assert torch.equal(outcome.pred[unit], zeroed_predictions(model, "relu3", unit, images)), f"unit {unit}"
+
+    proving["on"], first_call, first_event = True, len(paces), len(events)
+    outcome = engine.evaluate_units(acts, labels, masks, probabilities=False)
+    paused = first_call - 1 - max(at for at in range(first_call) if paces[at])  # pieces paused at the first call's end
+    assert paces[first_call:].index(True) == engine_module._PROBE_EVERY - 1 - paused  # the pause went on, to its probe
+    assert engine.rows_reduced > 0
+    later = events[first_event:]
+    for at, (kind, value) in enumerate(later[:-1]):
+        if kind == "share":  # the next piece runs the step if this one proved at least half, else it pauses
+            assert later[at + 1] == ("pace", value >= engine_module._LEAST_PROVEN_SHARE)
     for unit in range(acts.shape[1]):
         assert torch.equal(outcome.pred[unit], zeroed_predictions(model, "relu3", unit, images)), f"unit {unit}"

@@ -81,8 +81,12 @@ _PIECE_BYTES = 4 << 20
 # from cache: demo conv3 rows on a 2-core EPYC, 4,096 at once 490 ms, in pieces of 512 291 ms; a whole sweep of 256
 # images (channels-last rows) on a Sapphire Rapids Xeon, pieces of 512 / 256 / 128 / 64: 2.18 / 2.02 / 1.93 / 2.02 s.
 _REDUCED_PIECE = 128
-# Automatic reduced precision stops after a piece that proved fewer of its rows than this (``_proves_enough``).
+# Automatic reduced precision pauses after a piece that proved fewer of its rows than this, and tries again every
+# ``_PROBE_EVERY`` pieces (``_reduce_next``): what a piece proves moves with its units (rows come sorted by unit), and a
+# pause that never ended left the default demo run's conv3 sweep in float32 after its first hard piece (bfloat16 was
+# used on 179 of 10,014 pieces).
 _LEAST_PROVEN_SHARE = 0.5
+_PROBE_EVERY = 8
 # Bytes a call holds per (ablation, image) pair beside its chunks: predictions (int64), probabilities (float32), the
 # changed and settled masks, the float product that finds the changed pairs, the changed pair's (s, b) row (int64),
 # and the three float64 costs per row that size the chunks.
@@ -118,6 +122,7 @@ class _Rows:
     settled: torch.Tensor | None = None  # [S, B] rows proven to keep the baseline's prediction before entering
     # (images, state, sizes) -> (pred, proven): predictions with the first linear step in bfloat16, where proven
     reduced: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    reduced_key: str = ""  # the reduced step's name, for automatic mode's pace (``_reduce_next``)
     held: int = 0  # bytes held for the whole call beside the chunks (the entry's output, a chain's running sums)
 
 
@@ -153,6 +158,7 @@ class AblationEngine:
         self.reduced_precision = reduced_precision
         self.rows_reduced = 0
         self._reduced_shares: dict = {}
+        self._reduced_paused: dict = {}
         self._channel_norms: dict = {}
         self._split_entry(use_shortcuts)
 
@@ -367,13 +373,13 @@ class AblationEngine:
             certified = certificate.rows(first, radius)
             if certified is not None:
                 settled = self._settled_by_size(certificate, full, source, weight, selections, radius)
-            reduced = self._reduced("after the entry", after, first)
+            reduced = self._reduced("reduced, after the entry", after, first)
         # pooled (and the pooling's intermediate), full, the certificate's first and the baseline logits beside it
         held = (2 * pooled.numel() + 3 * full.numel()) * full.element_size()
         if chained is not None:
             held += (longest + 1) * len(source) * weight.shape[-1] * weight.element_size()
         return _Rows(enter, lambda state: run_in_place(after, state), exact, row_bytes, ablation_bytes, certified,
-                     full[0].numel() * full.element_size(), settled, reduced, held)
+                     full[0].numel() * full.element_size(), settled, reduced, "reduced, after the entry", held)
 
     def _settled_by_size(self, certificate, full, source, weight, selections, radius) -> torch.Tensor | None:
         """Rows [S, B] certified before they are entered: the first activation moves by at most ``lead``'s Lipschitz
@@ -474,30 +480,37 @@ class AblationEngine:
             rows_of.enter, rows_of.finish = (lambda rows: first(edit(rows))), rest
             rows_of.certified = after.rows(entered, after.radius(logits, base_pred, self.margin_tol))
             rows_of.state_bytes = entered[0].numel() * entered.element_size()
-        rows_of.reduced = self._reduced("after the leading steps", rest, entered)
+        rows_of.reduced_key = "reduced, after the leading steps"
+        rows_of.reduced = self._reduced(rows_of.reduced_key, rest, entered)
         return rows_of
 
-    def _reduced(self, name: str, after: nn.Sequential, first: torch.Tensor):
+    def _reduced(self, key: str, after: nn.Sequential, first: torch.Tensor):
         """``_Rows.reduced`` for rows whose state (shaped like the baseline's ``first`` [B, ...]) runs ``after`` (the
-        steps ``name`` says, for the cache): None where reduced precision is off, not on the CPU, not faster here
+        steps ``key`` names, for the caches): None where reduced precision is off, not on the CPU, not faster here
         (``ReducedStep.faster``), or has no bound."""
         if self.reduced_precision is False or self.device.type != "cpu" or not len(first):
             return None
-        key = f"reduced, {name}"
         step = self._certificate(key, first, lambda: ReducedStep.of(after, first[:1]))
         if step is None:
             return None
-        if self.reduced_precision is None:  # automatic: where it is faster here and the last call proved enough
-            if not step.faster(first[:1]) or not self._proves_enough(self._reduced_shares.get(key)):
-                return None
+        if self.reduced_precision is None and not step.faster(first[:1]):
+            return None
         decide = step.bind(first, self.margin_tol)
         return lambda *args: self._count_reduced(key, *decide(*args))
 
-    def _proves_enough(self, share: float | None) -> bool:
-        """Automatic mode's rule, within a call and between calls: reduced precision goes on while the latest piece
-        of rows proved at least ``_LEAST_PROVEN_SHARE`` of them (random weights' small margins prove few; then every
-        row would pay twice). Forced on, it always goes on."""
-        return self.reduced_precision is not None or share is None or share >= _LEAST_PROVEN_SHARE
+    def _reduce_next(self, key: str) -> bool:
+        """Whether the next piece of rows runs the reduced step ``key``. Automatic mode's pace, kept between calls:
+        on while the latest piece that ran it proved at least ``_LEAST_PROVEN_SHARE`` of its rows (random weights'
+        small margins prove few, and then a row pays twice), paused otherwise, but every ``_PROBE_EVERY``-th paused
+        piece runs it again, so that a few hard units do not end it for good. Forced on, every piece runs it."""
+        share = self._reduced_shares.get(key)
+        if self.reduced_precision is not None or share is None or share >= _LEAST_PROVEN_SHARE:
+            return True
+        self._reduced_paused[key] = self._reduced_paused.get(key, 0) + 1
+        if self._reduced_paused[key] < _PROBE_EVERY:
+            return False
+        self._reduced_paused[key] = 0
+        return True
 
     def _count_reduced(self, key: str, pred: torch.Tensor, proven: torch.Tensor) -> tuple:
         """Keep the share of rows the reduced step proved (the latest piece's) for ``_reduced``'s choice."""
@@ -558,9 +571,8 @@ class AblationEngine:
 
         Where rows can be certified or reduced, piece by piece: a piece is entered, checked (rows proven unchanged
         are dropped, ``rows_certified``), then decided in bfloat16 from the check's own change where a reduced step
-        exists (``_Rows.reduced``; proven rows written into ``pred``, ``rows_reduced``). A piece's tensors are used
-        while in cache, and only the rows left are copied out. Automatic mode stops reducing after a piece that
-        proved too few (``_proves_enough``), leaving the rest to float32.
+        exists and automatic mode's pace allows it (``_Rows.reduced``, ``_reduce_next``; proven rows written into
+        ``pred``, ``rows_reduced``). A piece's tensors are used while in cache, and only the rows left are copied out.
         """
         reducing = rows_of.reduced is not None
         if rows_of.certified is None and not reducing:
@@ -575,7 +587,7 @@ class AblationEngine:
                 self.rows_certified += int(certified.sum())
                 left = torch.nonzero(~certified).flatten()
                 sizes = sizes[left]
-            if reducing and (left is None or len(left)):
+            if reducing and self._reduce_next(rows_of.reduced_key) and (left is None or len(left)):
                 if change is not None:  # rounded before it is gathered: half the bytes to copy
                     change = change.to(torch.bfloat16)[left]
                 fast, proven = rows_of.reduced(piece[:, 1] if left is None else piece[left, 1],
@@ -585,7 +597,6 @@ class AblationEngine:
                 self.rows_reduced += int(proven.sum())
                 unproven = torch.nonzero(~proven).flatten()
                 left = unproven if left is None else left[unproven]
-                reducing = self._proves_enough(float(proven.float().mean()))
             if left is None:
                 kept.append(piece)
                 states.append(state)
