@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         rows = [any_models.measure(name, layer, images=2 if args.quick else 8, naive_units=2 if args.quick else 8,
                                    repeats=repeats, device=args.device) for name, layer in others]
         any_models.print_table(rows)
-        results += [{"agree": row["agree"]} for row in rows]
+        results += [{"case": f"{row['model']} {row['layer']}", "agree": row["agree"]} for row in rows]
     conv5 = [r for r in results if r["case"] == "alexnet-places conv5"]
     if device.type == "cuda" and conv5:
         print(full_sweep_estimate(conv5[0]))

@@ -131,9 +131,10 @@ def test_automatic_choice(monkeypatch):
 
 
 def test_automatic_mode_pauses_and_probes(monkeypatch):
-    """Automatic mode: after a piece that proves fewer than half its rows, reduced precision pauses, and every
-    ``_PROBE_EVERY``-th piece tries it again, across calls; a probe that proves enough ends the pause. The rows left
-    run in float32, and every prediction is the definition's."""
+    """Automatic mode: after a piece that proves fewer than half its rows, reduced precision pauses; a probe tries it
+    again after ``_PROBE_EVERY`` pieces, after twice as many once a probe fails (up to ``_PROBE_EVERY_MOST``), across
+    calls; a probe that proves enough ends the pause. The rows left run in float32, and every prediction is the
+    definition's."""
     from compute.lib import engine as engine_module
 
     model, images = trained_like()
@@ -141,6 +142,8 @@ def test_automatic_mode_pauses_and_probes(monkeypatch):
     labels = tail_of(model, "relu3")(acts).argmax(1)
     monkeypatch.setattr(ReducedStep, "faster", lambda self, example: True)
     monkeypatch.setattr(engine_module, "_REDUCED_PIECE", 20)
+    row_bytes = model.conv4.out_channels * 8 * 8 * 4  # a conv3 row's state: relu4's output
+    monkeypatch.setattr(engine_module, "_PIECE_BYTES", 20 * row_bytes)  # paused pieces of 20 rows too
     proving = {"on": False}
     original = ReducedStep.bind
 
@@ -170,15 +173,19 @@ def test_automatic_mode_pauses_and_probes(monkeypatch):
     monkeypatch.setattr(engine, "_count_reduced", counted)
     masks = single_unit_masks(acts.shape[1])
     outcome = engine.evaluate_units(acts, labels, masks, probabilities=False)
-    assert len(paces) > 2 * engine_module._PROBE_EVERY and engine.rows_reduced == 0
-    assert paces == [at % engine_module._PROBE_EVERY == 0 for at in range(len(paces))]  # the first piece, then probes
+    probes, gap = [0], engine_module._PROBE_EVERY  # the first piece, then the probes
+    while probes[-1] < 10 * len(paces):
+        probes.append(probes[-1] + gap)
+        gap = min(2 * gap, engine_module._PROBE_EVERY_MOST)
+    assert len(paces) > 3 * engine_module._PROBE_EVERY and engine.rows_reduced == 0
+    assert paces == [at in probes for at in range(len(paces))]
     for unit in range(acts.shape[1]):
         assert torch.equal(outcome.pred[unit], zeroed_predictions(model, "relu3", unit, images)), f"unit {unit}"
 
     proving["on"], first_call, first_event = True, len(paces), len(events)
     outcome = engine.evaluate_units(acts, labels, masks, probabilities=False)
-    paused = first_call - 1 - max(at for at in range(first_call) if paces[at])  # pieces paused at the first call's end
-    assert paces[first_call:].index(True) == engine_module._PROBE_EVERY - 1 - paused  # the pause went on, to its probe
+    probe = first_call + paces[first_call:].index(True)
+    assert probe in probes and paces[:probe] == [at in probes for at in range(probe)]  # the pause went on, to a probe
     assert engine.rows_reduced > 0
     later = events[first_event:]
     for at, (kind, value) in enumerate(later[:-1]):

@@ -81,12 +81,15 @@ _PIECE_BYTES = 4 << 20
 # from cache: demo conv3 rows on a 2-core EPYC, 4,096 at once 490 ms, in pieces of 512 291 ms; a whole sweep of 256
 # images (channels-last rows) on a Sapphire Rapids Xeon, pieces of 512 / 256 / 128 / 64: 2.18 / 2.02 / 1.93 / 2.02 s.
 _REDUCED_PIECE = 128
-# Automatic reduced precision pauses after a piece that proved fewer of its rows than this, and tries again every
-# ``_PROBE_EVERY`` pieces (``_reduce_next``): what a piece proves moves with its units (rows come sorted by unit), and a
-# pause that never ended left the default demo run's conv3 sweep in float32 after its first hard piece (bfloat16 was
-# used on 179 of 10,014 pieces).
+# Automatic reduced precision pauses after a piece that proved fewer of its rows than this, and tries again after
+# ``_PROBE_EVERY`` paused pieces, twice as many after each probe that fails, at most ``_PROBE_EVERY_MOST``
+# (``_reduce_next``). What a piece proves moves with its units (rows come sorted by unit): a pause that never ended left
+# the default demo run's conv3 sweep in float32 after its first hard piece (179 pieces ran bfloat16, about 6%; with
+# probes 3,252 of 3,266 do, and the sweep takes a fifth less time). Where nothing proves (random weights), the
+# growing pause keeps the probes' cost below 1% (every 8th piece: AlexNet conv5 4% slower).
 _LEAST_PROVEN_SHARE = 0.5
 _PROBE_EVERY = 8
+_PROBE_EVERY_MOST = 64
 # Bytes a call holds per (ablation, image) pair beside its chunks: predictions (int64), probabilities (float32), the
 # changed and settled masks, the float product that finds the changed pairs, the changed pair's (s, b) row (int64),
 # and the three float64 costs per row that size the chunks.
@@ -158,7 +161,7 @@ class AblationEngine:
         self.reduced_precision = reduced_precision
         self.rows_reduced = 0
         self._reduced_shares: dict = {}
-        self._reduced_paused: dict = {}
+        self._reduced_paused: dict = {}  # per reduced step: (pieces paused since the last probe, pieces to the next)
         self._channel_norms: dict = {}
         self._split_entry(use_shortcuts)
 
@@ -501,15 +504,18 @@ class AblationEngine:
     def _reduce_next(self, key: str) -> bool:
         """Whether the next piece of rows runs the reduced step ``key``. Automatic mode's pace, kept between calls:
         on while the latest piece that ran it proved at least ``_LEAST_PROVEN_SHARE`` of its rows (random weights'
-        small margins prove few, and then a row pays twice), paused otherwise, but every ``_PROBE_EVERY``-th paused
-        piece runs it again, so that a few hard units do not end it for good. Forced on, every piece runs it."""
+        small margins prove few, and then a row pays twice), paused otherwise; a paused step runs again as a probe
+        after ``_PROBE_EVERY`` pieces, so that a few hard units do not end it for good, and each probe that fails
+        doubles the pause, up to ``_PROBE_EVERY_MOST``. Forced on, every piece runs it."""
         share = self._reduced_shares.get(key)
         if self.reduced_precision is not None or share is None or share >= _LEAST_PROVEN_SHARE:
+            self._reduced_paused.pop(key, None)
             return True
-        self._reduced_paused[key] = self._reduced_paused.get(key, 0) + 1
-        if self._reduced_paused[key] < _PROBE_EVERY:
+        paused, every = self._reduced_paused.get(key, (0, _PROBE_EVERY))
+        if paused + 1 < every:
+            self._reduced_paused[key] = (paused + 1, every)
             return False
-        self._reduced_paused[key] = 0
+        self._reduced_paused[key] = (0, min(2 * every, _PROBE_EVERY_MOST))
         return True
 
     def _count_reduced(self, key: str, pred: torch.Tensor, proven: torch.Tensor) -> tuple:
@@ -577,7 +583,10 @@ class AblationEngine:
         reducing = rows_of.reduced is not None
         if rows_of.certified is None and not reducing:
             return chunk, rows_of.enter(chunk)
-        rows_per_piece = _REDUCED_PIECE if reducing else max(1, _PIECE_BYTES // rows_of.state_bytes)
+        # a paused reduced step keeps the larger pieces (random AlexNet conv5: 128-row pieces cost 3%)
+        paused = rows_of.reduced_key in self._reduced_paused
+        rows_per_piece = (_REDUCED_PIECE if reducing and not paused
+                          else max(1, _PIECE_BYTES // max(1, rows_of.state_bytes)))
         kept, states = [], []
         for piece in chunk.split(rows_per_piece):
             state = rows_of.enter(piece)
