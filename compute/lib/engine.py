@@ -86,7 +86,7 @@ _REDUCED_PIECE = 128
 # (``_reduce_next``). What a piece proves moves with its units (rows come sorted by unit): a pause that never ended left
 # the default demo run's conv3 sweep in float32 after its first hard piece (179 pieces ran bfloat16, about 6%; with
 # probes 3,252 of 3,266 do, and the sweep takes a fifth less time). Where nothing proves (random weights), the
-# growing pause keeps the probes' cost below 1% (every 8th piece: AlexNet conv5 4% slower).
+# growing pause leaves about one probe per call.
 _LEAST_PROVEN_SHARE = 0.5
 _PROBE_EVERY = 8
 _PROBE_EVERY_MOST = 64
@@ -370,19 +370,20 @@ class AblationEngine:
         exact_row_bytes = 2 * (weight[0].numel() * weight.element_size() + row_bytes)
         # The rest may start with an in-place ReLU (AlexNet's): its baseline logits come from a copy of ``full``.
         certified = reduced = settled = None
+        reduced_key = "reduced, after the entry"
         if certificate:
             first = run_in_place(certificate.lead, full.clone())
             radius = certificate.radius(self.rest(full.clone()), base_pred, self.margin_tol)
             certified = certificate.rows(first, radius)
             if certified is not None:
                 settled = self._settled_by_size(certificate, full, source, weight, selections, radius)
-            reduced = self._reduced("reduced, after the entry", after, first)
+            reduced = self._reduced(reduced_key, after, first)
         # pooled (and the pooling's intermediate), full, the certificate's first and the baseline logits beside it
         held = (2 * pooled.numel() + 3 * full.numel()) * full.element_size()
         if chained is not None:
             held += (longest + 1) * len(source) * weight.shape[-1] * weight.element_size()
         return _Rows(enter, lambda state: run_in_place(after, state), exact, row_bytes, ablation_bytes, certified,
-                     full[0].numel() * full.element_size(), settled, reduced, "reduced, after the entry", held)
+                     full[0].numel() * full.element_size(), settled, reduced, reduced_key, held)
 
     def _settled_by_size(self, certificate, full, source, weight, selections, radius) -> torch.Tensor | None:
         """Rows [S, B] certified before they are entered: the first activation moves by at most ``lead``'s Lipschitz
@@ -519,7 +520,7 @@ class AblationEngine:
         return True
 
     def _count_reduced(self, key: str, pred: torch.Tensor, proven: torch.Tensor) -> tuple:
-        """Keep the share of rows the reduced step proved (the latest piece's) for ``_reduced``'s choice."""
+        """Keep the share of rows the reduced step proved (the latest piece's) for ``_reduce_next``'s pace."""
         if len(proven):
             self._reduced_shares[key] = float(proven.float().mean())
         return pred, proven
@@ -583,7 +584,7 @@ class AblationEngine:
         reducing = rows_of.reduced is not None
         if rows_of.certified is None and not reducing:
             return chunk, rows_of.enter(chunk)
-        # a paused reduced step keeps the larger pieces (random AlexNet conv5: 128-row pieces cost 3%)
+        # a paused reduced step keeps the byte-sized pieces of the float32 path (larger: the rest of the tail's batches)
         paused = rows_of.reduced_key in self._reduced_paused
         rows_per_piece = (_REDUCED_PIECE if reducing and not paused
                           else max(1, _PIECE_BYTES // max(1, rows_of.state_bytes)))
