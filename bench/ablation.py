@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compute.lib import ties  # noqa: E402
+from compute.run import peak  # noqa: E402
 from compute.lib.engine import AblationEngine, single_unit_masks  # noqa: E402
 from compute.models import get_spec  # noqa: E402
 from compute.lib.sequence import run_to, step_names, tail_of  # noqa: E402
@@ -139,29 +140,17 @@ def naive_predictions(sequence: nn.Sequential, step: str, unit: int, images: tor
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------
-def _status(field: str) -> int:
-    """A VmXXX line of /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 @contextmanager
 def peak_memory(device: torch.device, result: dict):
-    """Peak bytes above the starting level while the block runs."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        yield
-        torch.cuda.synchronize()
-        result["bytes"] = torch.cuda.max_memory_allocated() - start
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
-        start = _status("VmRSS")
-        yield
-        result["bytes"] = _status("VmHWM") - start
+    """Peak bytes above the starting level while the block runs, as the pipeline's stages measure it
+    (``compute.run.peak``): the resident set on the CPU (Linux), torch's allocation on a GPU."""
+    _sync(device)
+    peak.reset(device)
+    yield
+    _sync(device)
+    used = peak.read(device)
+    top, start = ("device_mib", "device_start_mib") if device.type == "cuda" else ("host_mib", "start_mib")
+    result["bytes"] = int((used.get(top, 0.0) - used.get(start, 0.0)) * 2**20)
 
 
 def _timed(fn, device: torch.device):
