@@ -102,7 +102,7 @@ class ReducedStep:
         def decide(images: torch.Tensor, state: torch.Tensor | None, sizes: torch.Tensor | None = None,
                    change: torch.Tensor | None = None):
             if change is None:  # the float32 difference, rounded once to bfloat16, as a check's change is
-                change = (state.flatten(1) if self.flatten else state) - first.index_select(0, images)
+                change = (state.flatten(1) if self.flatten else state) - first[images]  # first's layout, as the state's
                 if sizes is None:
                     sizes = change.flatten(1).norm(dim=1).double()
                 change = change.to(torch.bfloat16)
